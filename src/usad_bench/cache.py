@@ -1,0 +1,131 @@
+"""On-disk cache of frozen image-encoder outputs.
+
+Most methods never change the image encoder, so its outputs are computed once and reused across
+epochs, shots, seeds and methods. An entry is one safetensors file per (feature key, image):
+
+    <root>/<key[:16]>/<image_sha[:2]>/<image_sha>.safetensors
+
+The *feature key* hashes everything that changes the features: backbone name, weights identity
+(tag, checkpoint content hash, or random seed), input size, normalisation, layers, variant, and
+the versions of usad_bench, open_clip and torch. The *image sha* hashes the image file's bytes,
+so an edited image is a new entry even under the same path.
+
+Each file carries its key, image sha and a digest of its tensor bytes in the safetensors metadata.
+An entry that cannot be read, belongs to another key, or fails its digest is reported, deleted and
+recomputed; it is never used. Writes go through a temporary file and ``os.replace``, so a killed
+run leaves either a whole entry or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import usad_bench
+from usad_bench.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT = "1"
+
+
+def feature_key(backbone_description: dict, layers: tuple[int, ...], variant: str) -> str:
+    """A hex digest naming one feature configuration (see module docstring)."""
+    payload = {
+        "backbone": backbone_description,
+        "layers": list(layers),
+        "variant": variant,
+        "usad_bench": usad_bench.__version__,
+        "format": FORMAT,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, memoised by (path, size, mtime) within a process."""
+    stat = path.stat()
+    memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _DIGESTS:
+        _DIGESTS[memo_key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _DIGESTS[memo_key]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha1()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Read and write cache entries; ``root=None`` disables the cache (``--no-cache``)."""
+
+    def __init__(self, root: str | os.PathLike | None):
+        self.root = Path(root) if root is not None else None
+        self.hits = 0
+        self.misses = 0
+        self.rejected = 0  # corrupt or foreign entries that were deleted and recomputed
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def path(self, key: str, image_sha: str) -> Path:
+        assert self.root is not None
+        return self.root / key[:16] / image_sha[:2] / f"{image_sha}.safetensors"
+
+    def load(self, key: str, image_sha: str) -> dict[str, torch.Tensor] | None:
+        """The cached tensors, or None on a miss or an invalid entry (which is then removed)."""
+        if self.root is None:
+            self.misses += 1
+            return None
+        path = self.path(key, image_sha)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        tensors = self._read_valid(path, key, image_sha)
+        if tensors is None:
+            self.rejected += 1
+            self.misses += 1
+            path.unlink(missing_ok=True)
+            return None
+        self.hits += 1
+        return tensors
+
+    def store(self, key: str, image_sha: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.root is None:
+            return
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        meta = {"key": key, "image_sha": image_sha, "digest": tensor_digest(tensors), "format": FORMAT}
+        with atomic_path(self.path(key, image_sha)) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    def _read_valid(self, path: Path, key: str, image_sha: str) -> dict[str, torch.Tensor] | None:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            log.warning("feature cache: unreadable entry %s (%s); recomputing", path, exc)
+            return None
+        if meta.get("key") != key or meta.get("image_sha") != image_sha:
+            log.warning("feature cache: entry %s belongs to another key; recomputing", path)
+            return None
+        if meta.get("digest") != tensor_digest(tensors):
+            log.warning("feature cache: entry %s failed its checksum; recomputing", path)
+            return None
+        return tensors
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "rejected": self.rejected}

@@ -1,0 +1,205 @@
+"""The method API: what every method receives, stores and predicts.
+
+A method is a :class:`Method` (a LightningModule) built from a config dataclass, the frozen
+:class:`~usad_bench.backbone.Backbone` and a :class:`Task`. The runner then
+
+1. extracts the frozen features the method asks for (``feature_layers``, ``train_variants``),
+2. calls ``setup_support`` once with the few-shot :class:`SupportSet` (training-free methods
+   build their memory here, in buffers, so it is saved with the state dict),
+3. if ``trainable``, runs a Lightning ``Trainer`` over ``support.training_dataset()``, calling
+   the method's ``training_step`` (plain PyTorch inside),
+4. predicts with ``predict_features`` on batches of test features.
+
+Predictions use one sign everywhere: a higher ``score`` means more anomalous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from usad_bench.backbone import Backbone, ImageFeatures
+from usad_bench.data.manifest import NORMAL, Sample
+from usad_bench.errors import UsadError
+from usad_bench.features import FeatureTable
+from usad_bench.prompts import PromptSet
+
+
+@dataclass
+class Prediction:
+    """What a method says about a batch of B images."""
+
+    score: torch.Tensor  # (B,) image anomaly score, higher = more anomalous
+    anomaly_map: torch.Tensor | None = None  # (B, S, S) pixel scores at the input resolution, or None
+    class_logits: torch.Tensor | None = None  # (B, C) over Task.classes, or None
+
+
+@dataclass
+class Task:
+    """What the method is adapted to: the classes, the support size and the wording."""
+
+    classes: list[str]  # class names in canonical order; index 0 is "normal" when present
+    shots: int  # support images per class
+    dataset: str  # the support set's dataset (selects per-dataset class descriptions)
+    prompts: PromptSet
+    image_size: int  # side of the square input; anomaly maps are predicted at this size
+
+    @property
+    def n_support(self) -> int:
+        return self.shots * len(self.classes)
+
+    @property
+    def normal_index(self) -> int | None:
+        return self.classes.index(NORMAL) if NORMAL in self.classes else None
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares; each method subclasses this with its own hyper-parameters."""
+
+    epochs: int = 0  # passes over the support set (0 = training-free)
+    batch_size: int = 8  # support images per optimisation step
+    lr: float = 1e-3  # learning rate
+    prompts: str = "breast_ultrasound"  # prompt vocabulary: a built-in name or a YAML file path
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MethodConfig:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise UsadError(f"{cls.__name__} has no option(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: _coerce(known[k].type, v, k) for k, v in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(annotation: Any, value: Any, name: str) -> Any:
+    """Turn CLI strings (``--set lr=1e-3``) into the field's type; YAML values pass through."""
+    if not isinstance(value, str):
+        return list(value) if isinstance(value, tuple) else value
+    text = str(annotation)
+    try:
+        if text.startswith("bool"):
+            return value.lower() in ("1", "true", "yes", "on")
+        if text.startswith("int"):
+            return int(value)
+        if text.startswith("float"):
+            return float(value)
+        if text.startswith(("tuple", "list")):
+            return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsadError(f"option {name}={value!r} is not a valid {text}") from None
+    return value
+
+
+@dataclass
+class SupportSet:
+    """The few-shot support set: features per variant, masks and labels."""
+
+    samples: list[Sample]
+    features: dict[str, FeatureTable]  # variant -> features, "orig" always present
+    masks: dict[str, torch.Tensor]  # variant -> (N, S, S) float {0, 1}
+    pixel_truth: torch.Tensor  # (N,) bool: the mask is ground truth (lesion mask, or a normal image)
+    labels: torch.Tensor  # (N,) long index into Task.classes
+    is_anomaly: torch.Tensor  # (N,) float
+    variants: tuple[str, ...] = field(default=("orig",))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def training_dataset(self) -> Dataset:
+        return _SupportItems(self)
+
+
+class _SupportItems(Dataset):
+    """Every (variant, image) pair of the support set as one training item."""
+
+    def __init__(self, support: SupportSet):
+        self.support = support
+        self.n = len(support)
+
+    def __len__(self) -> int:
+        return self.n * len(self.support.variants)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        variant, j = self.support.variants[i // self.n], i % self.n
+        table = self.support.features[variant]
+        item = {
+            "cls": table.cls[j],
+            "mask": self.support.masks[variant][j],
+            "pixel_truth": self.support.pixel_truth[j],
+            "label": self.support.labels[j],
+            "is_anomaly": self.support.is_anomaly[j],
+            "index": torch.tensor(j),
+        }
+        if table.patches is not None:
+            item["patches"] = table.patches[j].float()
+        return item
+
+
+def batch_features(batch: dict[str, torch.Tensor], layers: tuple[int, ...]) -> ImageFeatures:
+    """The ImageFeatures view of a training batch."""
+    return ImageFeatures(cls=batch["cls"], patches=batch.get("patches"), layers=layers)
+
+
+class Method(L.LightningModule):
+    """Base class; see the module docstring for the life cycle."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    trainable: ClassVar[bool] = False
+    outputs: ClassVar[tuple[str, ...]] = ("score",)  # which of score / map / logits it predicts
+
+    def __init__(self, cfg: MethodConfig, backbone: Backbone, task: Task):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone  # frozen; excluded from saved state (see trainable_state_dict)
+        self.task = task
+
+    # -- what the runner asks
+    def feature_layers(self) -> tuple[int, ...]:
+        """1-indexed blocks whose patch tokens the method needs; () for CLS-only methods."""
+        return ()
+
+    def train_variants(self) -> tuple[str, ...]:
+        """Image variants the support set is expanded with during training."""
+        return ("orig",)
+
+    def setup_support(self, support: SupportSet) -> None:
+        """Build memory from the support set; called once, before any training."""
+
+    def predict_features(self, feats: ImageFeatures) -> Prediction:
+        raise NotImplementedError
+
+    # -- Lightning glue shared by trainable methods
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.trainable_parameters(), lr=self.cfg.lr)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("backbone.")]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen backbone: learned weights and memory buffers."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise UsadError(
+                f"saved state does not fit method {self.name!r} (missing {missing[:4]}, unexpected {unexpected[:4]}); "
+                "was the run made with another version or config?"
+            )
+
+    def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """Log each named loss and return their sum."""
+        total = sum(losses.values())
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size, on_epoch=True, on_step=False)
+        self.log("train/loss", total.detach(), batch_size=batch_size, on_epoch=True, on_step=False, prog_bar=True)
+        return total

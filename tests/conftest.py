@@ -1,0 +1,53 @@
+"""Shared fixtures: the tiny random backbone and small synthetic domains.
+
+Everything here is built by the tests themselves; nothing is downloaded. Tests that read the
+real datasets use ``shared_datasets`` and skip when ``../shared/datasets`` is absent.
+"""
+
+from __future__ import annotations
+
+import os
+
+# A test must never wait on a download; huggingface_hub reads this once, at import, so set it first.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from usad_bench.backbone import Backbone, BackboneSpec  # noqa: E402
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+TINY = BackboneSpec(name="usad-tiny", pretrained=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> BackboneSpec:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> Backbone:
+    return Backbone.load(TINY)
+
+
+@pytest.fixture(scope="session")
+def synth_domains(tmp_path_factory) -> dict[str, Path]:
+    """Source and shifted target synthetic domains (manifest paths), shared by the slow tests."""
+    from usad_bench.data.synth import synthesise
+
+    root = tmp_path_factory.mktemp("synth")
+    return {
+        "source": synthesise(root / "source", n=90, seed=0, style="source", size=128),
+        "target": synthesise(root / "target", n=60, seed=1, style="target", size=128),
+    }
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip("../shared/datasets is not present (only the project's own CI machines have it)")
+    return SHARED_DATASETS
