@@ -1,0 +1,224 @@
+"""Image, pixel and multi-class metrics as pure NumPy functions.
+
+Conventions:
+
+* Scores: higher = more anomalous (or more likely the positive class). Labels are 0/1 or bool.
+* Every metric is a fraction in [0, 1]; ``nan`` when the inputs cannot define it (one class only).
+* Pixel metrics pool every pixel of every image passed in. The runner passes maps and masks at the
+  model's input resolution (README, "Images and maps").
+* Threshold-dependent numbers are of two kinds: ``*_f1_max`` is the best F1 over all thresholds of
+  the data it is given (an oracle ceiling, never used for decisions), while ``dice`` takes a
+  threshold fitted elsewhere (``fit_dice_threshold`` on the support set).
+
+AUROC, AP and F1 share one exact curve (``binary_curve``), tested against scikit-learn; it sorts
+once, which keeps pixel metrics over tens of millions of pixels affordable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+AUPRO_FPR_LIMIT = 0.3  # MVTec AD's integration limit for the per-region-overlap curve
+
+
+# ----------------------------------------------------------------------------- the shared curve
+def binary_curve(
+    labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative (weighted) true and false positives at each distinct threshold, high to low.
+
+    Args:
+        labels: (N,) 0/1 ground truth.
+        scores: (N,) scores; a sample is predicted positive when its score >= the threshold.
+        weights: optional (N,) sample weights (AUPRO weights lesion pixels by their region's size).
+
+    Returns:
+        tps, fps, thresholds: (T,) arrays, one entry per distinct score, thresholds decreasing.
+    """
+    labels = np.asarray(labels).ravel().astype(bool)
+    scores = np.asarray(scores).ravel().astype(np.float64)
+    order = np.argsort(-scores, kind="stable")
+    scores, labels = scores[order], labels[order]
+    w = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=np.float64).ravel()[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # ties share one threshold
+    tps = np.cumsum(w * labels)[last_of_tie]
+    fps = np.cumsum(w * ~labels)[last_of_tie]
+    return tps, fps, scores[last_of_tie]
+
+
+def _defined(labels: np.ndarray) -> bool:
+    labels = np.asarray(labels).astype(bool)
+    return 0 < labels.sum() < labels.size
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (trapezoidal over the exact curve, as scikit-learn)."""
+    if not _defined(labels):
+        return float("nan")
+    tps, fps, _ = binary_curve(labels, scores)
+    tpr, fpr = np.r_[0.0, tps / tps[-1]], np.r_[0.0, fps / fps[-1]]
+    return float(np.trapezoid(tpr, fpr))
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AP = sum over thresholds of (R_n - R_{n-1}) * P_n (scikit-learn's definition, no interpolation)."""
+    if not _defined(labels):
+        return float("nan")
+    tps, fps, _ = binary_curve(labels, scores)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Best F1 over all thresholds, and the threshold that reaches it (score >= threshold is positive)."""
+    if not _defined(labels):
+        return float("nan"), float("nan")
+    tps, fps, thresholds = binary_curve(labels, scores)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=tps > 0)
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(thresholds[best])
+
+
+# ----------------------------------------------------------------------------- image level
+def image_metrics(is_anomaly: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Normal-vs-abnormal detection from image scores."""
+    return {
+        "image_auroc": auroc(is_anomaly, scores),
+        "image_ap": average_precision(is_anomaly, scores),
+        "image_f1_max": f1_max(is_anomaly, scores)[0],
+    }
+
+
+# ----------------------------------------------------------------------------- pixel level
+def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> dict[str, float]:
+    """Localisation over all pixels of (N, H, W) boolean masks and float maps, pooled."""
+    masks = np.asarray(masks).astype(bool)
+    maps = np.asarray(maps, dtype=np.float32)
+    if masks.shape != maps.shape:
+        raise ValueError(f"masks {masks.shape} and maps {maps.shape} differ in shape")
+    return {
+        "pixel_auroc": auroc(masks, maps),
+        "pixel_ap": average_precision(masks, maps),
+        "pixel_f1_max": f1_max(masks, maps)[0],
+        "aupro": aupro(masks, maps, fpr_limit),
+    }
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> float:
+    """Area under the per-region-overlap curve for FPR in [0, fpr_limit], divided by fpr_limit.
+
+    PRO(t) is the mean, over every connected lesion region of every image, of the fraction of
+    the region scored >= t; FPR(t) is the fraction of background pixels scored >= t. Giving each
+    lesion pixel the weight 1 / (region size * number of regions) turns PRO into the weighted
+    true-positive rate of one exact curve, so no threshold grid is needed.
+    """
+    masks = np.asarray(masks).astype(bool)
+    weights = np.zeros(masks.shape, dtype=np.float64)
+    regions = 0
+    for i, mask in enumerate(masks):
+        labelled, count = ndimage.label(mask)  # 4-connectivity, as MVTec's evaluation
+        if count:
+            sizes = np.bincount(labelled.ravel())  # sizes[0] is the background
+            weights[i][mask] = 1.0 / sizes[labelled[mask]]
+            regions += count
+    if regions == 0 or masks.all():
+        return float("nan")
+    weights[masks] /= regions
+    weights[~masks] = 1.0
+    pro, fp, _ = binary_curve(masks, maps, weights)
+    fpr = np.r_[0.0, fp / fp[-1]]
+    pro = np.r_[0.0, pro]
+    # Cut the curve at fpr_limit, interpolating PRO linearly on the segment that crosses it.
+    inside = fpr <= fpr_limit
+    last = np.flatnonzero(inside)[-1]
+    xs, ys = list(fpr[inside]), list(pro[inside])
+    if last + 1 < len(fpr) and fpr[last] < fpr_limit:
+        x0, x1, y0, y1 = fpr[last], fpr[last + 1], pro[last], pro[last + 1]
+        xs.append(fpr_limit)
+        ys.append(y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0))
+    return float(np.trapezoid(ys, xs) / fpr_limit)
+
+
+def dice(masks: np.ndarray, maps: np.ndarray, threshold: float) -> float:
+    """Mean per-image Dice over images that have a lesion, with pixels >= threshold predicted."""
+    masks = np.asarray(masks).astype(bool)
+    lesion = masks.reshape(len(masks), -1).any(axis=1)
+    if not lesion.any():
+        return float("nan")
+    return float(np.mean(_dice_per_image(masks[lesion], np.asarray(maps)[lesion] >= threshold)))
+
+
+def _dice_per_image(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    truth = truth.reshape(len(truth), -1)
+    predicted = predicted.reshape(len(predicted), -1)
+    overlap = (truth & predicted).sum(axis=1)
+    total = truth.sum(axis=1) + predicted.sum(axis=1)
+    return np.where(total > 0, 2.0 * overlap / np.maximum(total, 1), 1.0)
+
+
+def fit_dice_threshold(masks: np.ndarray, maps: np.ndarray, candidates: int = 101) -> float | None:
+    """The map threshold that maximises mean Dice on these (support) images; None without lesions.
+
+    Candidates are quantiles of the map values, so the search adapts to any score range.
+    """
+    masks = np.asarray(masks).astype(bool)
+    maps = np.asarray(maps, dtype=np.float32)
+    lesion = masks.reshape(len(masks), -1).any(axis=1)
+    if not lesion.any():
+        return None
+    values = maps[lesion]
+    thresholds = np.unique(np.quantile(values, np.linspace(0.5, 0.999, candidates)))
+    scores = [np.mean(_dice_per_image(masks[lesion], values >= t)) for t in thresholds]
+    return float(thresholds[int(np.argmax(scores))])
+
+
+# ----------------------------------------------------------------------------- classes
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def multiclass_metrics(labels: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    """Macro one-vs-rest AUROC, balanced accuracy and macro-F1 over the classes present in ``labels``.
+
+    Args:
+        labels: (N,) class indices into ``class_names``.
+        logits: (N, C) class logits (or probabilities; they are softmax-normalised either way).
+        class_names: the run's classes, in logit order.
+
+    Classes the test set lacks are left out of every average (their AUROC is undefined); the
+    arg-max may still predict them, which counts against recall and precision as it should.
+    ``cls_auroc_malignant_vs_benign`` ranks the malignant against the benign images by
+    p(malignant) / (p(benign) + p(malignant)): the only detection-like number a test set without
+    normal images (BUS-BRA) defines.
+    """
+    labels = np.asarray(labels)
+    probs = softmax(logits)
+    present = [c for c in range(len(class_names)) if (labels == c).any()]
+    out: dict[str, float] = {}
+    for c in present:
+        out[f"cls_auroc_{class_names[c]}"] = auroc(labels == c, probs[:, c])
+    out["cls_auroc_macro"] = float(np.nanmean([out[f"cls_auroc_{class_names[c]}"] for c in present]))
+    predicted = probs.argmax(axis=1)
+    recalls, f1s = [], []
+    for c in present:
+        tp = float(((predicted == c) & (labels == c)).sum())
+        recall = tp / float((labels == c).sum())
+        n_pred = float((predicted == c).sum())
+        precision = tp / n_pred if n_pred else 0.0
+        recalls.append(recall)
+        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    out["cls_balanced_accuracy"] = float(np.mean(recalls))
+    out["cls_macro_f1"] = float(np.mean(f1s))
+    if "benign" in class_names and "malignant" in class_names:
+        b, m = class_names.index("benign"), class_names.index("malignant")
+        pair = (labels == b) | (labels == m)
+        if (labels == b).any() and (labels == m).any():
+            p_malignant = probs[pair, m] / np.maximum(probs[pair, m] + probs[pair, b], 1e-12)
+            out["cls_auroc_malignant_vs_benign"] = auroc(labels[pair] == m, p_malignant)
+    return out
