@@ -116,7 +116,9 @@ def test_corrupt_entry_is_detected_and_recomputed(damage, tmp_path, tiny_backbon
         entry.write_bytes(bytes(data))
     again = extractor.extract(samples)
     assert cache.rejected == 1
-    assert torch.equal(good.cls, again.cls) and torch.equal(good.patches, again.patches)
+    # The damaged entry is recomputed in a batch of one, so values match to float tolerance, not bitwise.
+    assert torch.allclose(good.cls, again.cls, atol=1e-5)
+    assert torch.allclose(good.patches.float(), again.patches.float(), atol=2e-3)
     assert cache.load(extractor.key("orig"), entry.stem) is not None  # rewritten whole
 
 

@@ -140,12 +140,22 @@ def _add_runtime_args(p) -> None:
 
 
 def _quiet_libraries(verbose: bool) -> None:
+    """Keep the console to our own messages unless -v: Lightning's banners and known-benign warnings."""
     import warnings
+
+    import lightning  # noqa: F401  (imported first: at import it resets its loggers to INFO)
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_random_weights_notice)  # our own outputs label random weights already
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*No pretrained weights loaded.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen backbone, by design
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+def _drop_random_weights_notice(record: logging.LogRecord) -> bool:
+    return "No pretrained weights loaded" not in record.getMessage()
 
 
 def _cache_dir(args) -> Path | None:

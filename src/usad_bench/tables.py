@@ -20,7 +20,8 @@ from usad_bench.io import read_json, write_text
 
 # Which metrics each table shows, in order. Values are fractions in metrics.json, shown x100.
 TABLE_METRICS = {
-    "table1": ("image_auroc",),
+    # BUS-BRA has no normal images: its detection-like number is malignant vs benign (README, metrics).
+    "table1": ("image_auroc", "cls_auroc_malignant_vs_benign"),
     "table_cls": ("cls_auroc_macro",),
     "table2": ("pixel_auroc", "pixel_ap", "aupro", "dice"),
     "ablation": ("image_auroc", "pixel_auroc"),
@@ -66,7 +67,8 @@ def make_table(results: Path, which: str, out: Path | None = None) -> str:
         seeds[label].add(cfg.get("seed"))
         for target, m in run.get("tests", {}).items():
             for metric in TABLE_METRICS[which]:
-                cells[(label, target, cfg.get("shots"), metric)].values.append(m.get(metric))
+                if m.get(metric) is not None:  # undefined for this test set (e.g. no normals): no column
+                    cells[(label, target, cfg.get("shots"), metric)].values.append(m[metric])
     header, rows = _layout(cells, seeds, which)
     random_weights = any(r["config"].get("random_weights") for r in runs)
     markdown = _markdown(header, rows, random_weights)
@@ -95,6 +97,7 @@ def _short(metric: str) -> str:
     return {
         "image_auroc": "I-AUROC",
         "cls_auroc_macro": "cls-AUROC",
+        "cls_auroc_malignant_vs_benign": "M-vs-B AUROC",
         "pixel_auroc": "P-AUROC",
         "pixel_ap": "P-AP",
         "aupro": "AUPRO",
