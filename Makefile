@@ -47,9 +47,9 @@ table_cls: data
 	$(CLI) sweep experiments/table_cls.yaml --device $(DEVICE)
 	$(CLI) table results/runs/table_cls --which table_cls --out results/tables
 
-table2: data
+table2: data  ## shares table1's runs (same grid): only what is missing is fitted
 	$(CLI) sweep experiments/table2.yaml --device $(DEVICE)
-	$(CLI) table results/runs/table2 --which table2 --out results/tables
+	$(CLI) table results/runs/table1 --which table2 --out results/tables
 
 ablation: data
 	$(CLI) sweep experiments/ablation.yaml --device $(DEVICE)

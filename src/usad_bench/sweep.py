@@ -110,11 +110,19 @@ def _method_entry(raw, path: Path) -> MethodEntry:
     if isinstance(raw, str):
         return MethodEntry(label=raw, method=raw)
     method = raw.get("method") or raw.get("label")
-    overrides = dict(read_yaml(raw["config"]) or {}) if raw.get("config") else {}
+    overrides = dict(read_yaml(_config_path(raw["config"], path)) or {}) if raw.get("config") else {}
     overrides.update(raw.get("set") or {})
     if not method:
         raise UsadError(f"{path}: a methods entry needs `method:` ({raw})")
     return MethodEntry(label=raw.get("label", method), method=method, overrides=overrides)
+
+
+def _config_path(config: str, experiment: Path) -> Path:
+    """A method's config YAML, relative to the working directory or else to the repository of the grid file."""
+    for candidate in (Path(config), Path(experiment).resolve().parent.parent / config):
+        if candidate.is_file():
+            return candidate
+    raise UsadError(f"{experiment}: method config {config} not found; run from the repository root or fix the path")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
