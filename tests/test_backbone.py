@@ -123,3 +123,21 @@ def test_offline_tag_download_fails_with_instructions(monkeypatch):
     monkeypatch.setenv("HF_HOME", "/nonexistent-usad-test-cache")
     with pytest.raises(UsadError, match="--pretrained /path/to/file"):
         Backbone.load(BackboneSpec(name="ViT-B-32", pretrained="openai"))
+
+
+def test_downloaded_hub_folder_loads_through_local_dir(tmp_path, tiny_backbone: Backbone):
+    """A Hugging Face repo copied by hand (open_clip_config.json + weights) loads offline with local-dir:."""
+    import json
+    from importlib import resources
+
+    config = json.loads((resources.files("usad_bench") / "resources" / "model_configs" / "usad-tiny.json").read_text())
+    folder = tmp_path / "hub-copy"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    torch.save(tiny_backbone.model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    for pretrained in (None, "openai"):  # open_clip ignores the tag: the folder's weights are always loaded
+        loaded = Backbone.load(BackboneSpec(name=f"local-dir:{folder}", pretrained=pretrained))
+        assert loaded.weights_id.startswith("local-dir:") and not loaded.spec.is_random
+    assert torch.equal(next(loaded.visual.parameters()), next(tiny_backbone.visual.parameters()))
+    with pytest.raises(UsadError, match=r"open_clip_config\.json"):
+        Backbone.load(BackboneSpec(name=f"local-dir:{tmp_path}", pretrained="openai"))

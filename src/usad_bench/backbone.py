@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL = "usad-tiny"  # registered below: 64 px, 4 layers, random weights only; for tests and CI
 RANDOM_WEIGHTS = ("", "none", "random")
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a downloaded hub folder (open_clip_config.json + weights)
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class BackboneSpec:
 
     @property
     def is_random(self) -> bool:
+        # hf-hub: and local-dir: models always load their repo's weights (open_clip ignores `pretrained`).
+        if self.name.startswith(("hf-hub:", LOCAL_DIR)):
+            return False
         return self.pretrained is None or str(self.pretrained).lower() in RANDOM_WEIGHTS
 
     def to_dict(self) -> dict:
@@ -298,6 +303,8 @@ def _resolve_weights(spec: BackboneSpec) -> tuple[str | None, str]:
     """The ``pretrained`` argument for open_clip and a stable identity of the weights."""
     if spec.name.startswith("hf-hub:"):
         return None, spec.name
+    if spec.name.startswith(LOCAL_DIR):
+        return None, _local_dir_weights_id(Path(spec.name.removeprefix(LOCAL_DIR)).expanduser())
     pretrained = str(spec.pretrained)
     if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         path = Path(pretrained).expanduser()
@@ -308,6 +315,20 @@ def _resolve_weights(spec: BackboneSpec) -> tuple[str | None, str]:
     if pretrained not in tags:
         raise UsadError(f"{spec.name} has no pretrained tag {pretrained!r}; known tags: {tags or 'none'}")
     return pretrained, f"tag:{spec.name}:{pretrained}"
+
+
+def _local_dir_weights_id(folder: Path) -> str:
+    """Identity of a downloaded hub folder: the content hash of every checkpoint file in it."""
+    if not (folder / "open_clip_config.json").is_file():
+        raise UsadError(
+            f"{folder} is not a downloaded open_clip model folder (no open_clip_config.json); download the whole "
+            "Hugging Face repo, or pass a model name with --pretrained /path/to/checkpoint"
+        )
+    checkpoints = sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+    if not checkpoints:
+        raise UsadError(f"{folder} has open_clip_config.json but no weights file ({', '.join(CHECKPOINT_SUFFIXES)})")
+    digest = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}" for p in checkpoints).encode()).hexdigest()
+    return f"local-dir:{digest}"
 
 
 def _weights_help(spec: BackboneSpec, exc: Exception) -> str:

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, re-run the same command to resume", file=sys.stderr)
         return 130
