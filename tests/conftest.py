@@ -11,12 +11,13 @@ import os
 # A test must never wait on a download; huggingface_hub reads this once, at import, so set it first.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from usad_bench.backbone import Backbone, BackboneSpec  # noqa: E402
+from usad_bench.backbone import Backbone, BackboneSpec
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
