@@ -1,15 +1,18 @@
 """CLIP-Adapter: a residual bottleneck MLP on the image embedding (Gao et al., IJCV 2024).
 
-Architecture from gaopengcuhk/CLIP-Adapter ``clip_adapter.py``: Linear(D, D/4, no bias) -> ReLU ->
-Linear(D/4, D, no bias) -> ReLU applied to the raw CLIP image embedding, blended as
+Forward pass from the authors' ``clip_adapter.py`` (gaopengcuhk/CLIP-Adapter): Linear(D, D/4, no
+bias) -> ReLU -> Linear(D/4, D, no bias) -> ReLU on the *raw* CLIP image embedding, blended as
 0.2 * adapter + 0.8 * original, then normalised; logits = 100 * cos(image, class text), the text
-being frozen hand-crafted prompts (here: the prompt file's class-template ensemble). Loss:
-cross-entropy.
+being frozen hand-crafted prompts (here the prompt file's class-template ensemble; ``prompts:
+generic`` gives a single "a photo of a {}."). Loss: cross-entropy.
 
-The authors' repository never released a training config, so the optimiser follows the harness
-that runs CLIP-Adapter beside LP++ (FereshteShakeri/FewShot-CLIP-Strong-Baseline,
-``methods/clip_adapter.py``): plain SGD lr 0.01, batch 32, one warm-up epoch at 1e-5 and a cosine
-decay. See baselines/clip_adapter.md.
+The authors' repository released no training config (it runs inside CoOp's Dassl trainer), so the
+optimiser follows the harness that runs CLIP-Adapter beside LP++ (FereshteShakeri/FewShot-CLIP-
+Strong-Baseline, ``methods/clip_adapter.py``): plain SGD lr 0.01, batch 32, 200 epochs, one
+warm-up epoch at 1e-5, then cosine decay. That harness steps its epoch-length cosine once per
+*iteration* (so the rate falls to zero and rises again once a run has more iterations than epochs) and feeds the
+adapter normalised embeddings with ratio 0.5; here the cosine is stepped per epoch, as Dassl does,
+and the forward pass is the authors'. See baselines/clip_adapter.md.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ the cosine of the image and prompt embeddings.
 Recipe (CoOp's few-shot configs and ``trainers/coop.py``): M = 16 context vectors drawn from
 N(0, 0.02) (the few-shot scripts leave ``CTX_INIT`` empty); SGD lr 0.002, momentum 0.9, weight
 decay 5e-4 (Dassl's defaults); batch 32; one warm-up epoch at a constant 1e-5, then a cosine
-decay over the run, stepped once per epoch. See baselines/coop.md for the epochs and the other
-deviations.
+decay over the run, stepped once per epoch; epochs by shots as CoOp's few-shot scripts (50 for
+1 shot, 100 for 2-4 shots, 200 for 8 or more). See baselines/coop.md for the deviations.
 
 The prompt learner and the warm-up schedule are shared with CoCoOp and CLIP-Adapter.
 """
@@ -17,7 +17,7 @@ The prompt learner and the warm-up schedule are shared with CoCoOp and CLIP-Adap
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from usad_bench.prompts import PromptSet
 
 @dataclass
 class CoOpConfig(MethodConfig):
-    epochs: int = 200  # CoOp's schedule for 8/16 shots (it uses 100 for 2-4 shots); see baselines/coop.md
+    epochs: int = -1  # -1 = CoOp's schedule by shots (1: 50, 2-4: 100, 8+: 200); else this many epochs
     batch_size: int = 32  # CoOp's batch size
     lr: float = 0.002  # SGD learning rate after warm-up
     n_ctx: int = 16  # learnable context vectors (ignored when ctx_init is set: its token count is used)
@@ -111,6 +111,11 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def coop_epochs(shots: int) -> int:
+    """CoOp's few-shot scripts: 50 epochs for 1 shot, 100 for 2 and 4 shots, 200 for 8 and 16."""
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+
 def class_words(prompts: PromptSet, classes: list[str]) -> list[str]:
     """The prompt file's words for each class (CoOp puts bare class names after the context)."""
     return [prompts.class_words(c) for c in classes]
@@ -123,6 +128,8 @@ class CoOp(Method):
     outputs = ("score", "logits")
 
     def __init__(self, cfg: CoOpConfig, backbone, task):
+        if cfg.epochs < 0:  # resolved here, so the run's saved config shows the epochs actually run
+            cfg = replace(cfg, epochs=coop_epochs(task.shots))
         super().__init__(cfg, backbone, task)
         words = class_words(task.prompts, task.classes)
         self.prompt_learner = PromptLearner(backbone, words, cfg.n_ctx, cfg.ctx_init)

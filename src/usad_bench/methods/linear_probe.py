@@ -1,4 +1,4 @@
-"""Linear probe: L2-regularised logistic regression on unit CLIP image embeddings.
+"""Linear probe: L2-regularised logistic regression on CLIP image embeddings.
 
 CoOp's ``lpclip/linear_probe.py`` (after the CLIP paper's appendix A.3): scikit-learn
 ``LogisticRegression`` (lbfgs, max_iter 1000, L2); the inverse regularisation C is chosen by a
@@ -10,6 +10,9 @@ here each C is scored by cross-validation within the support set: patient-groupe
 k-fold (4 folds by default, i.e. one image per class held out per fold at 4 shots). Test data is
 never seen. The fitted weights are kept in buffers, so a run directory reloads without sklearn
 state or the support set.
+
+Features are L2-normalised by default, as the LP++ harness's linear probe does (``normalize:
+false`` gives lpclip's raw embeddings); the C search absorbs the difference in scale.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class LinearProbeConfig(MethodConfig):
     cv_folds: int = 4  # patient-grouped stratified folds of the support set; 0 = leave-one-patient-out
     max_iter: int = 1000  # lbfgs iterations (lpclip)
     fixed_c: float = 0.0  # > 0: use this C and skip the search
+    normalize: bool = True  # L2-normalise embeddings (LP++ harness); false = raw embeddings (lpclip)
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
@@ -96,7 +100,7 @@ class LinearProbe(Method):
         self.register_buffer("c_value", torch.tensor(float("nan")))  # the chosen inverse regularisation
 
     def setup_support(self, support: SupportSet) -> None:
-        x = F.normalize(support.features["orig"].cls.float(), dim=-1).cpu().numpy().astype(np.float64)
+        x = self.inputs(support.features["orig"].cls).cpu().numpy().astype(np.float64)
         y = support.labels.cpu().numpy()
         c = self.cfg.fixed_c
         if c <= 0:
@@ -112,7 +116,10 @@ class LinearProbe(Method):
         self.bias.copy_(torch.from_numpy(bias))
         self.c_value.fill_(c)
 
+    def inputs(self, cls: torch.Tensor) -> torch.Tensor:
+        return F.normalize(cls.float(), dim=-1) if self.cfg.normalize else cls.float()
+
     @torch.no_grad()
     def predict_features(self, feats: ImageFeatures) -> Prediction:
-        logits = F.normalize(feats.cls.float(), dim=-1) @ self.weight.T + self.bias  # (B, C)
+        logits = self.inputs(feats.cls) @ self.weight.T + self.bias  # (B, C)
         return Prediction(score=class_anomaly_score(logits, self.task.normal_index), class_logits=logits)
