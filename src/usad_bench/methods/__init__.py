@@ -10,6 +10,7 @@ from usad_bench.methods import (  # noqa: F401
     lp_plus_plus,  # few-shot classification baseline: LP++
     tip_adapter,  # few-shot classification baseline: Tip-Adapter
     tip_adapter_f,  # few-shot classification baseline: Tip-Adapter-F
+    ultraad,  # the headline method: UltraAD (MICCAI 2025)
     zero_shot_clip,  # reference: zero-shot CLIP scores, maps and class logits (foundation)
 )
 from usad_bench.methods.base import Method, MethodConfig, Prediction, SupportSet, Task
