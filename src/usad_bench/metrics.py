@@ -37,14 +37,20 @@ def binary_curve(
         tps, fps, thresholds: (T,) arrays, one entry per distinct score, thresholds decreasing.
     """
     labels = np.asarray(labels).ravel().astype(bool)
-    scores = np.asarray(scores).ravel().astype(np.float64)
+    scores = np.asarray(scores).ravel()
+    if scores.dtype.kind != "f" or scores.dtype.itemsize < 4:
+        scores = scores.astype(np.float32)  # float16 maps are exact in float32; other types go up, never down
     order = np.argsort(-scores, kind="stable")
     scores, labels = scores[order], labels[order]
-    w = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=np.float64).ravel()[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # ties share one threshold
-    tps = np.cumsum(w * labels)[last_of_tie]
-    fps = np.cumsum(w * ~labels)[last_of_tie]
-    return tps, fps, scores[last_of_tie]
+    if weights is None:  # counts: no float copy of the (possibly huge) pixel arrays
+        tps = np.cumsum(labels, dtype=np.int64)[last_of_tie]
+        fps = last_of_tie + 1 - tps
+    else:
+        w = np.asarray(weights, dtype=np.float64).ravel()[order]
+        tps = np.cumsum(np.where(labels, w, 0.0))[last_of_tie]
+        fps = np.cumsum(np.where(labels, 0.0, w))[last_of_tie]
+    return tps.astype(np.float64), fps.astype(np.float64), scores[last_of_tie]
 
 
 def _defined(labels: np.ndarray) -> bool:
@@ -52,58 +58,64 @@ def _defined(labels: np.ndarray) -> bool:
     return 0 < labels.sum() < labels.size
 
 
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (trapezoidal over the exact curve, as scikit-learn)."""
+def curve_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """AUROC, AP, best F1 and its threshold from one sort (nan when only one class is present).
+
+    AUROC is trapezoidal over the exact ROC curve and AP = sum over thresholds of
+    (R_n - R_{n-1}) * P_n, both as scikit-learn defines them.
+    """
+    nan = float("nan")
     if not _defined(labels):
-        return float("nan")
-    tps, fps, _ = binary_curve(labels, scores)
-    tpr, fpr = np.r_[0.0, tps / tps[-1]], np.r_[0.0, fps / fps[-1]]
-    return float(np.trapezoid(tpr, fpr))
-
-
-def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """AP = sum over thresholds of (R_n - R_{n-1}) * P_n (scikit-learn's definition, no interpolation)."""
-    if not _defined(labels):
-        return float("nan")
-    tps, fps, _ = binary_curve(labels, scores)
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """Best F1 over all thresholds, and the threshold that reaches it (score >= threshold is positive)."""
-    if not _defined(labels):
-        return float("nan"), float("nan")
+        return {"auroc": nan, "ap": nan, "f1_max": nan, "f1_threshold": nan}
     tps, fps, thresholds = binary_curve(labels, scores)
+    tpr, fpr = np.r_[0.0, tps / tps[-1]], np.r_[0.0, fps / fps[-1]]
     precision = tps / (tps + fps)
     recall = tps / tps[-1]
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=tps > 0)
     best = int(np.argmax(f1))
-    return float(f1[best]), float(thresholds[best])
+    return {
+        "auroc": float(np.trapezoid(tpr, fpr)),
+        "ap": float(np.sum(np.diff(np.r_[0.0, recall]) * precision)),
+        "f1_max": float(f1[best]),
+        "f1_threshold": float(thresholds[best]),
+    }
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve."""
+    return curve_metrics(labels, scores)["auroc"]
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision (scikit-learn's definition, no interpolation)."""
+    return curve_metrics(labels, scores)["ap"]
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Best F1 over all thresholds, and the threshold that reaches it (score >= threshold is positive)."""
+    m = curve_metrics(labels, scores)
+    return m["f1_max"], m["f1_threshold"]
 
 
 # ----------------------------------------------------------------------------- image level
 def image_metrics(is_anomaly: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """Normal-vs-abnormal detection from image scores."""
-    return {
-        "image_auroc": auroc(is_anomaly, scores),
-        "image_ap": average_precision(is_anomaly, scores),
-        "image_f1_max": f1_max(is_anomaly, scores)[0],
-    }
+    m = curve_metrics(is_anomaly, scores)
+    return {"image_auroc": m["auroc"], "image_ap": m["ap"], "image_f1_max": m["f1_max"]}
 
 
 # ----------------------------------------------------------------------------- pixel level
 def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = AUPRO_FPR_LIMIT) -> dict[str, float]:
     """Localisation over all pixels of (N, H, W) boolean masks and float maps, pooled."""
     masks = np.asarray(masks).astype(bool)
-    maps = np.asarray(maps, dtype=np.float32)
+    maps = np.asarray(maps)
     if masks.shape != maps.shape:
         raise ValueError(f"masks {masks.shape} and maps {maps.shape} differ in shape")
+    m = curve_metrics(masks, maps)
     return {
-        "pixel_auroc": auroc(masks, maps),
-        "pixel_ap": average_precision(masks, maps),
-        "pixel_f1_max": f1_max(masks, maps)[0],
+        "pixel_auroc": m["auroc"],
+        "pixel_ap": m["ap"],
+        "pixel_f1_max": m["f1_max"],
         "aupro": aupro(masks, maps, fpr_limit),
     }
 
