@@ -167,8 +167,11 @@ class Method(L.LightningModule):
         return ()
 
     def train_variants(self) -> tuple[str, ...]:
-        """Image variants the support set is expanded with during training."""
-        return ("orig",)
+        """Image variants the support set is expanded with during training.
+
+        Methods whose config has ``flip_augment: true`` also train on mirrored support images.
+        """
+        return ("orig", "hflip") if getattr(self.cfg, "flip_augment", False) else ("orig",)
 
     def setup_support(self, support: SupportSet) -> None:
         """Build memory from the support set; called once, before any training."""

@@ -71,9 +71,6 @@ class CLIPAdapter(Method):
         self.register_buffer("class_text", class_text_features(backbone, task.prompts, task.classes))  # (C, D)
         self.adapter = Adapter(backbone.embed_dim, cfg.reduction)
 
-    def train_variants(self) -> tuple[str, ...]:
-        return ("orig", "hflip") if self.cfg.flip_augment else ("orig",)
-
     def class_logits(self, cls: torch.Tensor) -> torch.Tensor:
         ratio = self.cfg.ratio
         image = ratio * self.adapter(cls) + (1.0 - ratio) * cls  # (B, D), blended before normalising

@@ -134,9 +134,6 @@ class CoOp(Method):
         words = class_words(task.prompts, task.classes)
         self.prompt_learner = PromptLearner(backbone, words, cfg.n_ctx, cfg.ctx_init)
 
-    def train_variants(self) -> tuple[str, ...]:
-        return ("orig", "hflip") if self.cfg.flip_augment else ("orig",)
-
     def class_logits(self, cls: torch.Tensor) -> torch.Tensor:
         text = self.prompt_learner.text_features(self.backbone)  # (C, D)
         return self.cfg.logit_scale * F.normalize(cls, dim=-1) @ text.T

@@ -53,9 +53,6 @@ class LinearAdapter(Method):
     def feature_layers(self) -> tuple[int, ...]:
         return self.layers
 
-    def train_variants(self) -> tuple[str, ...]:
-        return ("orig", "hflip") if self.cfg.flip_augment else ("orig",)
-
     def layer_probs(self, feats: ImageFeatures) -> list[torch.Tensor]:
         """Per block, (B, 2, S, S) probabilities of (normal, abnormal)."""
         probs = []

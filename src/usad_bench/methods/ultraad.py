@@ -95,9 +95,6 @@ class UltraAD(Method):
     def feature_layers(self) -> tuple[int, ...]:
         return self.layers
 
-    def train_variants(self) -> tuple[str, ...]:
-        return ("orig", "hflip") if self.cfg.flip_augment else ("orig",)
-
     def setup_support(self, support: SupportSet) -> None:
         """Fill the class memory: image memory = unit CLS embeddings averaged over views (Tip-Adapter)."""
         if self.memory is None:
