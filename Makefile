@@ -6,7 +6,7 @@ CLI    := $(VENV)/bin/usad-bench
 SHARED ?= ../shared/datasets
 DEVICE ?= auto
 
-.PHONY: install test lint format smoke demo bench-features data table1 table_cls table2 ablation ultraad-paper clean
+.PHONY: install test lint format smoke demo bench-features bench-classifiers data table1 table_cls table2 ablation ultraad-paper clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ demo: smoke
 
 bench-features:  ## feature-extraction throughput: cache path (cold, warm) vs bare encode_image
 	$(PY) benchmarks/bench_features.py --out results/bench/features.json --device $(DEVICE)
+
+bench-classifiers:  ## seconds per fit+eval run of each few-shot classifier on cached features (shots 4/8/16 x seeds 0/1/2)
+	$(PY) benchmarks/bench_classifiers.py --out results/bench/classifiers.json
 
 data:  ## manifests for the three public releases (point SHARED at the full releases on your machine)
 	$(CLI) data prepare bus_uclm $(SHARED)/bus_uclm data/bus_uclm
