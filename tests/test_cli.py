@@ -85,14 +85,16 @@ def test_eval_writes_metrics_json_with_the_documented_schema(fitted, capsys):
 def test_predict_scores_a_folder_and_draws_overlays(fitted, tmp_path):
     images = tmp_path / "new"
     images.mkdir()
-    for i, path in enumerate(sorted(Path(fitted["target"]).parent.rglob("*.png"))[:3]):
+    sources = sorted(Path(fitted["target"]).parent.rglob("*.png"))[:3]
+    for i, path in enumerate(sources):
         (images / f"scan{i}.png").write_bytes(path.read_bytes())
+    Image.open(sources[0]).convert("RGB").save(images / "scan0.jpg")  # same stem, other format
     out = tmp_path / "pred"
     assert cli("predict", "--run", fitted["run"], "--images", images, "--out", out, cache=fitted["cache"]) == 0
     rows = read_csv(out / "scores.csv")
-    assert [r["image"] for r in rows] == ["scan0.png", "scan1.png", "scan2.png"]
+    assert [r["image"] for r in rows] == ["scan0.jpg", "scan0.png", "scan1.png", "scan2.png"]
     assert all(r["flagged"] in ("0", "1") for r in rows)
-    assert len(list((out / "overlays").glob("*.png"))) == 3
+    assert len(list((out / "overlays").glob("*.png"))) == 4  # one per image, even for a shared stem
 
 
 def test_bad_input_is_one_error_line_and_exit_2(fitted, tmp_path, capsys):
@@ -104,11 +106,46 @@ def test_bad_input_is_one_error_line_and_exit_2(fitted, tmp_path, capsys):
         (fit_args("linear_adapter", missing, 1, tmp_path / "c"), "manifest not found"),
         (["eval", "--run", tmp_path / "no-run", "--test", source], "not a finished run"),
         (fit_args("linear_adapter", source, 1, tmp_path / "d", "--set", "epochs=x"), "not a valid int"),
+        (fit_args("linear_adapter", source, 1, tmp_path / "e", "--set", "flip_augment=ture"), "not a boolean"),
     ]
     for args, message in cases:
         assert cli(*args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_a_failed_refit_leaves_the_finished_run_intact(fitted, capsys):
+    before = (fitted["run"] / "split.json").read_text()
+    assert cli(*fit_args("no-such-method", fitted["source"], 4, fitted["run"], "--seed", 7)) == 2
+    assert (fitted["run"] / "split.json").read_text() == before  # nothing written before the check
+    assert (fitted["run"] / "config.yaml").is_file()
+
+
+def test_metrics_of_another_run_are_never_merged(fitted, tmp_path):
+    other = tmp_path / "zs"
+    assert cli(*fit_args("zero_shot_clip", fitted["source"], 2, other), cache=fitted["cache"]) == 0
+    shared_out = tmp_path / "eval"
+    assert cli("eval", "--run", fitted["run"], "--test", f"a={fitted['target']}", "--out", shared_out) == 0
+    assert cli("eval", "--run", other, "--test", f"b={fitted['target']}", "--out", shared_out) == 0
+    payload = json.loads((shared_out / "metrics.json").read_text())
+    assert payload["config"]["method"] == "zero_shot_clip" and set(payload["tests"]) == {"b"}
+
+
+def test_missing_image_is_an_error_line(fitted, tmp_path, synth_domains, capsys):
+    rows = read_csv(synth_domains["target"])
+    rows[0]["image"] = "gone.png"
+    broken = tmp_path / "m" / "manifest.csv"
+    broken.parent.mkdir()
+    with open(broken, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        root = Path(synth_domains["target"]).parent
+        absolute = [{**r, "image": str(root / r["image"]), "masks": str(root / r["masks"]) if r["masks"] else ""}
+                    for r in rows[1:]]  # fmt: skip
+        writer.writerows(absolute)
+        writer.writerow(rows[0])
+    assert cli("eval", "--run", fitted["run"], "--test", broken, "--out", tmp_path / "ev") == 2  # every row is read
+    assert "image not found" in capsys.readouterr().err
 
 
 def test_corrupt_image_in_predict_folder_is_named(fitted, tmp_path, capsys):
@@ -150,6 +187,12 @@ def test_sweep_resumes_and_tables_label_random_weights(tmp_path, synth_domains, 
     table = (tmp_path / "tables" / "table1.md").read_text()
     assert "RANDOM backbone weights" in table and "zero_shot_clip" in table and "adapter-1ep" in table
     assert (tmp_path / "tables" / "table1.csv").is_file() and (tmp_path / "tables" / "table1.tex").is_file()
+
+    # Finished runs made with other settings are refused, not silently counted as this grid's.
+    experiment["methods"][1]["set"] = {"epochs": 2}
+    path.write_text(yaml.safe_dump(experiment))
+    assert cli("sweep", path, cache=cache) == 2
+    assert "fitted with other method_config" in capsys.readouterr().err
 
 
 def test_data_synth_and_methods_commands(tmp_path, capsys):

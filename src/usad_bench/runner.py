@@ -39,7 +39,7 @@ from usad_bench.data.preprocess import has_pixel_truth, mask_tensor
 from usad_bench.data.sampler import read_split, sample_support, write_split
 from usad_bench.errors import UsadError
 from usad_bench.features import FeatureExtractor
-from usad_bench.io import read_json, read_yaml, write_json, write_text, write_yaml
+from usad_bench.io import read_json, read_yaml, save_png, write_json, write_text, write_yaml
 from usad_bench.methods import Method, Prediction, SupportSet, Task, get_method
 from usad_bench.prompts import load_prompts
 from usad_bench.viz import overlay
@@ -68,10 +68,12 @@ class FitOptions:
 def fit(opts: FitOptions) -> Path:
     """Sample the support set, build and train the method, calibrate, save. Returns the run dir."""
     timing: dict[str, float] = {}
+    get_method(opts.method).config_class.from_dict(opts.overrides)  # bad name or option: fail before writing
     L.seed_everything(opts.seed, workers=True, verbose=False)
     manifest = read_manifest(opts.train)
     split = sample_support(manifest, opts.shots, opts.seed, opts.classes)
     run = Path(opts.out)
+    clear_run(run)
     write_split(split, run / "split.json")
 
     started = time.perf_counter()
@@ -94,6 +96,23 @@ def fit(opts: FitOptions) -> Path:
     calibration = calibrate(method, support)
     save_run(run, opts, method, manifest, calibration, timing)
     return run
+
+
+RUN_OUTPUTS = ("config.yaml", "metrics.json", "model.pt", "support.json", "split.json")
+
+
+def clear_run(run: Path) -> None:
+    """Remove an earlier fit's outputs from ``run`` so none of them can be mixed with the new one.
+
+    ``config.yaml`` goes first: without it the folder reads as an unfinished fit, whatever happens
+    next, so a killed re-fit can never pair an old model with a new split (or the reverse).
+    """
+    for name in RUN_OUTPUTS:
+        (run / name).unlink(missing_ok=True)
+    predictions = run / "predictions"
+    if predictions.is_dir():
+        for path in predictions.glob("*.csv"):
+            path.unlink()
 
 
 def build_method(
@@ -214,7 +233,7 @@ def save_run(run: Path, opts: FitOptions, method: Method, manifest: Manifest, ca
         "seed": opts.seed,
         "train_manifest": str(Path(opts.train).resolve()),
         "train_manifest_sha256": file_digest(Path(opts.train).resolve()),
-        "scoring": "per-image",
+        "scoring": method.scoring,  # "per-image", or a transductive recipe's name (labelled in tables)
     }
     torch.save(method.trainable_state_dict(), run / "model.pt.tmp")
     (run / "model.pt.tmp").replace(run / "model.pt")
@@ -230,7 +249,9 @@ def load_run(run: Path, device: str = "auto", backbone_override: BackboneSpec | 
     """Rebuild a fitted method from its run directory."""
     run = Path(run)
     if not is_fitted(run):
-        raise UsadError(f"{run} is not a finished run (needs config.yaml, model.pt, split.json); run `usad-bench fit`")
+        raise UsadError(
+            f"{run} is not a finished run (needs config.yaml, model.pt, split.json, support.json); run `usad-bench fit`"
+        )
     config = read_yaml(run / "config.yaml")
     spec = backbone_override or BackboneSpec(**config["backbone"])
     backbone = Backbone.load(spec, resolve_device(device))
@@ -256,7 +277,7 @@ class Collected:
     is_anomaly: list[bool] = field(default_factory=list)
     scores: list[np.ndarray] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)
-    maps: list[np.ndarray] = field(default_factory=list)  # pixel-truth rows only, float16
+    maps: list[np.ndarray] = field(default_factory=list)  # pixel-truth rows only, float32 (float16 would tie)
     masks: list[np.ndarray] = field(default_factory=list)  # same rows, bool
 
 
@@ -316,7 +337,7 @@ def collect(method: Method, extractor: FeatureExtractor, samples: list[Sample]) 
         if pred.anomaly_map is not None:
             for s, amap in zip(chunk, pred.anomaly_map, strict=True):
                 if has_pixel_truth(s):
-                    c.maps.append(amap.cpu().numpy().astype(np.float16))
+                    c.maps.append(amap.float().cpu().numpy())
                     c.masks.append(mask_tensor(s, size).numpy().astype(bool))
     return c
 
@@ -329,28 +350,31 @@ def score_test(c: Collected, classes: list[str], dice_threshold: float | None) -
     """Every metric that the test set's labels allow; undefined ones are None with a note."""
     scores, anomalous = np.concatenate(c.scores), np.array(c.is_anomaly)
     out: dict = {"n_images": len(c.ids), "n_abnormal": int(anomalous.sum()), "notes": []}
-    if 0 < anomalous.sum() < len(anomalous):
-        out.update(metrics.image_metrics(anomalous, scores))
-    else:
+    out.update(metrics.image_metrics(anomalous, scores))  # nan (-> null) when one of normal/abnormal is absent
+    if not 0 < anomalous.sum() < len(anomalous):
         out["notes"].append("image metrics undefined: the test set has only one of normal/abnormal")
     if c.maps:
-        masks, maps = np.stack(c.masks), np.stack(c.maps).astype(np.float32)
+        masks, maps = np.stack(c.masks), np.stack(c.maps)
         out["n_pixel_images"] = len(masks)
         out.update(metrics.pixel_metrics(masks, maps))
         if dice_threshold is not None:
             out["dice"] = metrics.dice(masks, maps, dice_threshold)
     if c.logits:
-        out.update(_class_metrics(c, classes))
+        class_metrics = _class_metrics(c, classes)
+        if class_metrics is None:
+            out["notes"].append("class metrics undefined: fewer than two of the run's classes in the test set")
+        else:
+            out.update(class_metrics)
     return out
 
 
-def _class_metrics(c: Collected, classes: list[str]) -> dict:
+def _class_metrics(c: Collected, classes: list[str]) -> dict | None:
     index = {name: i for i, name in enumerate(classes)}
     known = np.array([label in index for label in c.labels])
     labels = np.array([index.get(label, -1) for label in c.labels])[known]
     logits = np.concatenate(c.logits)[known]
     if len(set(labels.tolist())) < 2:
-        return {"notes_cls": "class metrics undefined: fewer than two of the run's classes in the test set"}
+        return None
     return metrics.multiclass_metrics(labels, logits, class_names=classes)
 
 
@@ -368,9 +392,10 @@ def write_predictions(path: Path, c: Collected, classes: list[str]) -> None:
 def write_metrics(path: Path, config: dict, results: dict, cache_stats: dict) -> dict:
     """Merge these test sets into metrics.json (atomically); NaN becomes null."""
     existing = read_json_safe(path)
+    earlier = existing.get("tests", {}) if existing.get("config") == config else {}  # never mix two runs' results
     payload = {
         "config": config,
-        "tests": {**existing.get("tests", {}), **_nan_to_none(results)},
+        "tests": {**earlier, **_nan_to_none(results)},
         "cache": cache_stats,
     }
     if config.get("random_weights"):
@@ -453,8 +478,5 @@ def _unlabelled_samples(folder: Path) -> list[Sample]:
 
 def _save_overlay(out: Path, sample: Sample, anomaly_map: np.ndarray, value_range) -> None:
     image = overlay(load_rgb(sample.image), anomaly_map, tuple(value_range) if value_range else None)
-    target = Path(out) / "overlays" / (sample.id.replace("/", "__").rsplit(".", 1)[0] + ".png")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp.png")
-    image.save(tmp)
-    tmp.replace(target)
+    # The id keeps the image's suffix (scan.png and scan.jpg must not share an overlay).
+    save_png(image, Path(out) / "overlays" / (sample.id.replace("/", "__") + ".png"))

@@ -143,13 +143,18 @@ def run_sweep(
     index, count = parse_shard(shard)
     points = exp.points()[index::count]
     print(f"{exp.name}: {len(points)} runs in shard {index}/{count} ({len(exp.points())} in the grid)")
+    from usad_bench.runner import is_fitted  # heavy (torch, Lightning): imported when a sweep runs
+
     for n, point in enumerate(points, 1):
+        opts = fit_options(exp, point, device, cache_dir)
+        if is_fitted(point.run_dir):
+            check_same_config(point.run_dir, opts)  # a finished run of other settings is never reused
         todo = missing_targets(point.run_dir, exp.targets)
         status = "done" if not todo else f"to do: {', '.join(todo)}"
         print(f"[{n}/{len(points)}] {point.run_dir} {status}", flush=True)
         if todo and not dry_run:
             started = time.perf_counter()
-            run_point(exp, point, todo, device, cache_dir)
+            run_point(exp, opts, todo)
             print(f"    finished in {time.perf_counter() - started:.1f}s", flush=True)
 
 
@@ -159,10 +164,10 @@ def missing_targets(run_dir: Path, targets: list[str]) -> list[str]:
     return [t for t in targets if t not in done]
 
 
-def run_point(exp: Experiment, point: RunPoint, targets: list[str], device: str, cache_dir: Path | None) -> None:
-    from usad_bench.runner import FitOptions, evaluate, fit, is_fitted
+def fit_options(exp: Experiment, point: RunPoint, device: str, cache_dir: Path | None):
+    from usad_bench.runner import FitOptions
 
-    opts = FitOptions(
+    return FitOptions(
         method=point.entry.method,
         label=point.entry.label,
         train=exp.data[exp.source],
@@ -174,21 +179,34 @@ def run_point(exp: Experiment, point: RunPoint, targets: list[str], device: str,
         cache_dir=cache_dir,
         device=device,
     )
-    if is_fitted(point.run_dir):
-        _check_same_config(point, opts)
-    else:
+
+
+def run_point(exp: Experiment, opts, targets: list[str]) -> None:
+    """Fit the point unless a finished fit is there, then evaluate it on the missing targets."""
+    from usad_bench.runner import evaluate, fit, is_fitted
+
+    if not is_fitted(opts.out):
         fit(opts)
-    evaluate(point.run_dir, [(t, exp.data[t]) for t in targets], device=device, cache_dir=cache_dir)
+    evaluate(opts.out, [(t, exp.data[t]) for t in targets], device=opts.device, cache_dir=opts.cache_dir)
 
 
-def _check_same_config(point: RunPoint, opts) -> None:
-    """Refuse to mix a finished run made with other settings into this grid's results."""
+def check_same_config(run_dir: Path, opts) -> None:
+    """Refuse to count a finished run made with other settings or other training data as this grid's."""
+    from usad_bench.cache import file_digest
     from usad_bench.methods import get_method
 
-    saved = read_yaml(point.run_dir / "config.yaml")
-    cfg = get_method(opts.method).config_class.from_dict(opts.overrides).to_dict()
-    if saved.get("method_config") != cfg or saved.get("backbone") != opts.backbone.to_dict():
+    saved = read_yaml(Path(run_dir) / "config.yaml")
+    wanted = {
+        "method": opts.method,
+        "method_config": get_method(opts.method).config_class.from_dict(opts.overrides).to_dict(),
+        "backbone": opts.backbone.to_dict(),
+        "shots": opts.shots,
+        "seed": opts.seed,
+        "train_manifest_sha256": file_digest(Path(opts.train).resolve()),
+    }
+    differ = [key for key, value in wanted.items() if saved.get(key) != value]
+    if differ:
         raise UsadError(
-            f"{point.run_dir} was fitted with other settings than this experiment now asks for; "
+            f"{run_dir} was fitted with other {', '.join(differ)} than this experiment now asks for; "
             "delete that folder to refit it, or change `out:` in the experiment file"
         )

@@ -20,12 +20,14 @@ from usad_bench.io import read_json, write_text
 
 # Which metrics each table shows, in order. Values are fractions in metrics.json, shown x100.
 TABLE_METRICS = {
-    # BUS-BRA has no normal images: its detection-like number is malignant vs benign (README, metrics).
-    "table1": ("image_auroc", "cls_auroc_malignant_vs_benign"),
+    "table1": ("image_auroc",),
     "table_cls": ("cls_auroc_macro",),
     "table2": ("pixel_auroc", "pixel_ap", "aupro", "dice"),
     "ablation": ("image_auroc", "pixel_auroc"),
 }
+# A test set without normal images (BUS-BRA) defines no image AUROC; its detection-like number is
+# malignant vs benign, shown in its own column so it is never read as I-AUROC (README, metrics).
+FALLBACKS = {"image_auroc": "cls_auroc_malignant_vs_benign"}
 RANDOM_BANNER = "WARNING: some runs used RANDOM backbone weights; these numbers check the pipeline and are not results."
 
 
@@ -67,7 +69,9 @@ def make_table(results: Path, which: str, out: Path | None = None) -> str:
         seeds[label].add(cfg.get("seed"))
         for target, m in run.get("tests", {}).items():
             for metric in TABLE_METRICS[which]:
-                if m.get(metric) is not None:  # undefined for this test set (e.g. no normals): no column
+                if m.get(metric) is None and m.get(FALLBACKS.get(metric, "")) is not None:
+                    metric = FALLBACKS[metric]
+                if m.get(metric) is not None:  # undefined for this test set and no fallback: no column
                     cells[(label, target, cfg.get("shots"), metric)].values.append(m[metric])
     header, rows = _layout(cells, seeds, which)
     random_weights = any(r["config"].get("random_weights") for r in runs)
@@ -79,18 +83,22 @@ def make_table(results: Path, which: str, out: Path | None = None) -> str:
 
 def _layout(cells: dict[tuple, Cell], seeds: dict[str, set], which: str) -> tuple[list[str], list[list[str]]]:
     labels = sorted({k[0] for k in cells})
-    columns = sorted(
-        {(k[1], k[2], k[3]) for k in cells}, key=lambda c: (c[0], c[1] or 0, TABLE_METRICS[which].index(c[2]))
-    )
+    columns = sorted({(k[1], k[2], k[3]) for k in cells}, key=lambda c: (c[0], c[1] or 0, _metric_order(which, c[2])))
     header = ["method"] + [f"{t} k={k} {_short(m)}" for t, k, m in columns]
     rows = []
+    expected = max(len(s) for s in seeds.values())  # seeds of the most complete method
     for label in labels:
-        expected = max(len(s) for s in seeds.values())
         rows.append(
             [label]
             + [cells[(label, t, k, m)].text(expected) if (label, t, k, m) in cells else "–" for t, k, m in columns]
         )
     return header, rows
+
+
+def _metric_order(which: str, metric: str) -> int:
+    metrics = TABLE_METRICS[which]
+    inverse = {fallback: original for original, fallback in FALLBACKS.items()}
+    return metrics.index(metric if metric in metrics else inverse[metric])
 
 
 def _short(metric: str) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from usad_bench.data.images import image_size as image_size_of
 from usad_bench.data.images import load_mask, load_rgb
 from usad_bench.data.manifest import Sample
 from usad_bench.errors import UsadError
@@ -58,9 +59,7 @@ def mask_tensor(sample: Sample, image_size: int, variant: str = "orig") -> torch
     check_variant(variant)
     if not sample.has_mask:
         return torch.zeros(image_size, image_size)
-    with Image.open(sample.image) as im:
-        size = im.size
-    mask = load_mask(sample.masks, size, sample.image)
+    mask = load_mask(sample.masks, image_size_of(sample.image), sample.image)
     resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((image_size, image_size), Image.NEAREST)
     if variant == "hflip":
         resized = resized.transpose(Image.FLIP_LEFT_RIGHT)

@@ -85,7 +85,7 @@ def _coerce(annotation: Any, value: Any, name: str) -> Any:
     text = str(annotation)
     try:
         if text.startswith("bool"):
-            return value.lower() in ("1", "true", "yes", "on")
+            return _parse_bool(value, name)
         if text.startswith("int"):
             return int(value)
         if text.startswith("float"):
@@ -95,6 +95,16 @@ def _coerce(annotation: Any, value: Any, name: str) -> Any:
     except ValueError:
         raise UsadError(f"option {name}={value!r} is not a valid {text}") from None
     return value
+
+
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse_bool(value: str, name: str) -> bool:
+    word = value.strip().lower()
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise UsadError(f"option {name}={value!r} is not a boolean; use true or false")
+    return word in TRUE_WORDS
 
 
 @dataclass
@@ -154,6 +164,9 @@ class Method(L.LightningModule):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     trainable: ClassVar[bool] = False
     outputs: ClassVar[tuple[str, ...]] = ("score",)  # which of score / map / logits it predicts
+    # "per-image" scores each test image on its own. A transductive recipe (e.g. normalising over the
+    # whole test set) must name itself here; tables then label the method "(transductive)".
+    scoring: ClassVar[str] = "per-image"
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone, task: Task):
         super().__init__()

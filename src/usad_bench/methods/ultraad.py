@@ -7,11 +7,11 @@ batch of frozen CLIP features:
    conditions the prompts and drives the classifier (the multitask link).
 2. **Image-aware prompting**: "a photo of a normal [G][I]." / "a photo of an abnormal [G][I].",
    [G] a global learnable token, [I] = Linear(z), encoded by the frozen text tower.
-3. **Prototypes**: normal / abnormal text prototypes (class prompts + lesion-aware descriptions)
-   ensembled with the image-aware prompts -> per-image text (B, 2, D).
-4. **Image feature adapters**: one linear layer per chosen block maps its patch tokens into the
-   joint space; map 1 compares them with the text; **PIF** cross-attends the text to the adapted
-   tokens and map 2 compares them with the fused text. The map averages every block and branch.
+3. **Image feature adapters**: one linear layer per chosen block maps its patch tokens into the
+   joint space; map 1 compares them with the image-aware prompts.
+4. **PIF**: normal / abnormal prototypes (class prompts + lesion-aware descriptions), ensembled
+   with the image-aware prompts, cross-attend to the adapted tokens; map 2 compares the tokens with
+   the fused text. The final map averages every block of both branches.
 5. **Memory-boosted classification**: logits = scale * cos(z, text memory) per class +
    alpha * exp(-beta * (1 - cos(z, image memory))) @ labels (see ``ClassMemory``).
 6. **Score**: w * (1 - p(normal)) + (1 - w) * max(map).
@@ -25,6 +25,7 @@ See baselines/ultraad.md for every choice the paper leaves open.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,16 @@ from usad_bench.methods.ultraad_parts import (
     description_embeddings,
     state_prototypes,
 )
+
+
+class BranchMaps(NamedTuple):
+    """(B, 2, S, S) probabilities of (normal, abnormal), one per block, for each branch."""
+
+    plain: list[torch.Tensor]  # map 1: adapted patch tokens vs the image-aware prompts
+    fused: list[torch.Tensor]  # map 2: adapted patch tokens vs PIF's fused text (empty without PIF)
+
+    def all(self) -> list[torch.Tensor]:
+        return self.plain + self.fused
 
 
 @dataclass
@@ -106,28 +117,29 @@ class UltraAD(Method):
         self.memory.fill(image, self.class_descriptions[labels], labels)
 
     # -- the model
-    def forward_parts(self, feats: ImageFeatures) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Per block and branch (B, 2, S, S) map probabilities, and (B, C) class logits (or None)."""
+    def forward_parts(self, feats: ImageFeatures) -> tuple[BranchMaps, torch.Tensor | None]:
+        """Per block (B, 2, S, S) map probabilities of both branches, and (B, C) class logits (or None)."""
         image = F.normalize(feats.cls.float(), dim=-1)  # (B, D)
         z = F.normalize(image + self.mini_net(image), dim=-1)  # (B, D); residual: starts at CLIP's embedding
-        aware = self.prompt_learner(self.backbone, self.token_head(z))  # (B, 2, D)
-        text = F.normalize(self.prototypes + aware, dim=-1)  # (B, 2, D) prototypes ensembled with the prompts
-        maps = self.layer_maps(feats.patches, text)
+        aware = self.prompt_learner(self.backbone, self.token_head(z))  # (B, 2, D) unit image-aware prompts
+        maps = self.layer_maps(feats.patches, aware)
         logits = self.memory(z) if self.memory is not None else None
         return maps, logits
 
-    def layer_maps(self, patches: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
-        """Map 1 (adapted tokens vs text) and, with PIF, map 2 (vs fused text) for every block.
+    def layer_maps(self, patches: torch.Tensor, aware: torch.Tensor) -> BranchMaps:
+        """Map 1 (adapted tokens vs the image-aware prompts) and, with PIF, map 2 for every block.
 
-        Returns the block maps of branch 1 first, then those of branch 2, each (B, 2, S, S).
+        PIF's queries are the normal / abnormal prototypes ensembled with the image-aware prompts;
+        cross-attending them to the block's adapted tokens gives the fused text of map 2.
         """
-        plain, fused = [], []
+        maps = BranchMaps([], [])
+        queries = F.normalize(self.prototypes + aware, dim=-1) if self.fusion is not None else None  # (B, 2, D)
         for i, adapter in enumerate(self.adapters):
             tokens = F.normalize(adapter(patches[:, i]), dim=-1)  # (B, N, D)
-            plain.append(self._probs(tokens, text))
+            maps.plain.append(self._probs(tokens, aware))
             if self.fusion is not None:
-                fused.append(self._probs(tokens, self.fusion(text, tokens)))
-        return plain + fused
+                maps.fused.append(self._probs(tokens, self.fusion(queries, tokens)))
+        return maps
 
     def _probs(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         logits = self.cfg.logit_scale * tokens @ text.transpose(1, 2)  # (B, N, 2)
@@ -141,7 +153,7 @@ class UltraAD(Method):
         maps, logits = self.forward_parts(batch_features(batch, self.layers))
         return self.log_losses(self.losses(maps, logits, batch), batch_size=len(keep))
 
-    def losses(self, maps: list[torch.Tensor], logits: torch.Tensor | None, batch: dict) -> dict[str, torch.Tensor]:
+    def losses(self, maps: BranchMaps, logits: torch.Tensor | None, batch: dict) -> dict[str, torch.Tensor]:
         """Named loss terms: ``ce`` (class branch), ``seg`` (map 1) and ``seg_pif`` (map 2), each when it applies."""
         out = {}
         if logits is not None:
@@ -149,9 +161,7 @@ class UltraAD(Method):
         keep = batch["pixel_truth"]
         if keep.any():  # images without pixel ground truth get no map loss
             mask = batch["mask"][keep]
-            n = len(self.adapters)
-            branches = {"seg": maps[:n], "seg_pif": maps[n:]}
-            for name, branch in branches.items():
+            for name, branch in (("seg", maps.plain), ("seg_pif", maps.fused)):
                 if branch:  # mean over blocks: the loss scale does not depend on how many blocks are used
                     out[name] = torch.stack([segmentation_loss(p[keep], mask) for p in branch]).mean()
         return out
@@ -172,7 +182,7 @@ class UltraAD(Method):
 
     def _predict(self, feats: ImageFeatures) -> Prediction:
         maps, logits = self.forward_parts(feats)
-        anomaly_map = torch.stack([p[:, 1] for p in maps]).mean(0)  # (B, S, S)
+        anomaly_map = torch.stack([p[:, 1] for p in maps.all()]).mean(0)  # (B, S, S) every block, both branches
         peak = anomaly_map.flatten(1).amax(1)  # (B,)
         if logits is None:
             return Prediction(score=peak, anomaly_map=anomaly_map)
