@@ -36,29 +36,33 @@ bench-features:  ## feature-extraction throughput: cache path (cold, warm) vs ba
 bench-classifiers:  ## seconds per fit+eval run of each few-shot classifier on cached features (shots 4/8/16 x seeds 0/1/2)
 	$(PY) benchmarks/bench_classifiers.py --out results/bench/classifiers.json
 
-data:  ## manifests for the three public releases (point SHARED at the full releases on your machine)
-	$(CLI) data prepare bus_uclm $(SHARED)/bus_uclm data/bus_uclm
-	$(CLI) data prepare busi $(SHARED)/busi data/busi
-	$(CLI) data prepare bus_bra $(SHARED)/bus_bra data/bus_bra
+MANIFESTS := data/bus_uclm/manifest.csv data/busi/manifest.csv data/bus_bra/manifest.csv
+
+data: $(MANIFESTS)  ## manifests for the three public releases (point SHARED at the full releases on your machine)
+
+# File targets: a manifest that exists is not re-made, so `make table1` after `make data SHARED=/full/releases`
+# keeps those manifests. Delete data/<name>/ (or run `make -B data SHARED=...`) to prepare again.
+data/%/manifest.csv:
+	$(CLI) data prepare $* $(SHARED)/$* data/$*
 
 # Paper tables: real ViT-L-14-336 weights, a GPU and internet (or a filled weights cache) needed.
-table1: data
+table1: $(MANIFESTS)
 	$(CLI) sweep experiments/table1.yaml --device $(DEVICE)
 	$(CLI) table results/runs/table1 --which table1 --out results/tables
 
-table_cls: data
+table_cls: $(MANIFESTS)
 	$(CLI) sweep experiments/table_cls.yaml --device $(DEVICE)
 	$(CLI) table results/runs/table_cls --which table_cls --out results/tables
 
-table2: data  ## shares table1's runs (same grid): only what is missing is fitted
+table2: $(MANIFESTS)  ## shares table1's runs (same grid): only what is missing is fitted
 	$(CLI) sweep experiments/table2.yaml --device $(DEVICE)
 	$(CLI) table results/runs/table1 --which table2 --out results/tables
 
-ablation: data
+ablation: $(MANIFESTS)
 	$(CLI) sweep experiments/ablation.yaml --device $(DEVICE)
 	$(CLI) table results/runs/ablation --which ablation --out results/tables
 
-ultraad-paper: data
+ultraad-paper: $(MANIFESTS)
 	$(CLI) sweep experiments/ultraad_paper.yaml --device $(DEVICE)
 	$(CLI) table results/runs/ultraad_paper --which table1 --out results/tables/ultraad_paper
 	$(CLI) table results/runs/ultraad_paper --which table_cls --out results/tables/ultraad_paper

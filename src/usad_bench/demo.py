@@ -22,7 +22,7 @@ from usad_bench.data.images import load_mask, load_rgb
 from usad_bench.data.manifest import read_manifest
 from usad_bench.data.synth import synthesise
 from usad_bench.features import FeatureExtractor
-from usad_bench.io import read_json
+from usad_bench.io import read_json, save_png
 from usad_bench.runner import FitOptions, evaluate, fit, load_run
 from usad_bench.tables import format_metrics
 from usad_bench.viz import overlay, side_by_side
@@ -37,11 +37,11 @@ def run_demo(
     backbone: BackboneSpec | None = None,
     overrides: dict | None = None,
     device: str = "auto",
-    cache_dir: Path | None = None,
+    cache_dir: Path | None = Path(".usad_cache"),
 ) -> dict:
+    """Run the demo under ``out``; ``cache_dir=None`` computes features without the cache."""
     out = Path(out)
     backbone = backbone or BackboneSpec(name="usad-tiny", pretrained=None)
-    cache_dir = cache_dir if cache_dir is not None else out / "cache"
     source = synthesise(out / "data" / "source", n=n, seed=seed, style="source")
     target = synthesise(out / "data" / "target", n=n, seed=seed + 1000, style="target")
     print(f"synthesised {n} source and {n} target images under {out / 'data'}")
@@ -77,9 +77,10 @@ def draw_overlays(run: Path, manifest_path: Path, out: Path, device: str, cache_
             image = load_rgb(sample.image)
             mask = load_mask(sample.masks, image.size, sample.image)
             panel = overlay(image, amap, tuple(value_range) if value_range else None, mask=mask)
-            out.mkdir(parents=True, exist_ok=True)
-            panel.save(out / f"{sample.id.replace('/', '__')}.png")
+            save_png(panel, out / f"{sample.id.replace('/', '__')}.png")
             panels.append(panel)
+    if not panels:
+        return None
     figure = out / "montage.png"
-    side_by_side(panels, height=192).save(figure)
-    return figure if panels else None
+    save_png(side_by_side(panels, height=192), figure)
+    return figure

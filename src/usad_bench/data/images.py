@@ -36,7 +36,7 @@ def open_image(path: Path) -> Image.Image:
             return im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UsadError(
-            f"cannot read image {path} ({exc}); replace the file or remove its row from the manifest"
+            f"cannot read image {path} ({exc}); replace the file, or remove it (and its manifest row, if any)"
         ) from exc
 
 
