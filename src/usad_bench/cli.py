@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="usad-bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="usad-bench",
+        description="Few-shot CLIP adaptation for ultrasound anomaly analysis: UltraAD and baselines.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -46,6 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_commands(sub)
 
+    _add_run_commands(sub)
+
+    p = sub.add_parser("sweep", help="run an experiment grid (resumable, shardable)")
+    p.add_argument("experiment", type=Path)
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th grid point starting at i (0-based)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
+    _add_runtime_args(p)
+    p.set_defaults(handler=cmd_sweep)
+
+    p = sub.add_parser("table", help="paper-style tables (mean ± std over seeds) from run directories")
+    p.add_argument("results", type=Path)
+    p.add_argument("--which", choices=TABLES, required=True)
+    p.add_argument("--out", type=Path, help="folder for .md/.csv/.tex (default: print only)")
+    p.set_defaults(handler=cmd_table)
+
+    p = sub.add_parser("demo", help="synthetic source -> shifted target: adapt, evaluate, draw heat maps")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--method", default="linear_adapter")
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--n", type=int, default=60, help="synthetic images per domain")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _add_backbone_args(p, name="usad-tiny", pretrained="none")
+    _add_runtime_args(p)
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """fit, eval and predict: the life cycle of one run directory."""
     p = sub.add_parser("fit", help="adapt a method on k shots per class")
     p.add_argument("--method", required=True)
     p.add_argument("--train", required=True, type=Path, help="manifest of the adaptation domain")
@@ -74,31 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true")
     _add_runtime_args(p)
     p.set_defaults(handler=cmd_predict)
-
-    p = sub.add_parser("sweep", help="run an experiment grid (resumable, shardable)")
-    p.add_argument("experiment", type=Path)
-    p.add_argument("--shard", default="0/1", help="i/n: run every n-th grid point starting at i (0-based)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
-    _add_runtime_args(p)
-    p.set_defaults(handler=cmd_sweep)
-
-    p = sub.add_parser("table", help="paper-style tables (mean ± std over seeds) from run directories")
-    p.add_argument("results", type=Path)
-    p.add_argument("--which", choices=TABLES, required=True)
-    p.add_argument("--out", type=Path, help="folder for .md/.csv/.tex (default: print only)")
-    p.set_defaults(handler=cmd_table)
-
-    p = sub.add_parser("demo", help="synthetic source -> shifted target: adapt, evaluate, draw heat maps")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--method", default="linear_adapter")
-    p.add_argument("--shots", type=int, default=4)
-    p.add_argument("--n", type=int, default=60, help="synthetic images per domain")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    _add_backbone_args(p, name="usad-tiny", pretrained="none")
-    _add_runtime_args(p)
-    p.set_defaults(handler=cmd_demo)
-    return parser
 
 
 def _add_data_commands(sub) -> None:

@@ -434,7 +434,8 @@ def predict(
     samples = _unlabelled_samples(Path(images))
     extractor = FeatureExtractor(method.backbone, FeatureCache(cache_dir), method.feature_layers())
     classes, threshold = method.task.classes, calibration.get("score_threshold")
-    header = ["image", "score", "flagged"] + (["predicted_class"] + [f"p_{k}" for k in classes])
+    class_columns = ["predicted_class"] + [f"p_{k}" for k in classes] if "logits" in method.outputs else []
+    header = ["image", "score", "flagged", *class_columns]
     rows = []
     for chunk, feats in extractor.iter_batches(samples):
         feats.cls, feats.patches = _to(feats.cls, method), _to(feats.patches, method)
@@ -449,7 +450,7 @@ def predict(
                 _save_overlay(out, sample, pred.anomaly_map[i].cpu().numpy(), calibration.get("map_range"))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header[: len(rows[0])] if rows else header)
+    writer.writerow(header)
     writer.writerows(rows)
     write_text(Path(out) / "scores.csv", buf.getvalue())
     return Path(out) / "scores.csv"

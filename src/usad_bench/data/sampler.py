@@ -102,12 +102,12 @@ def sample_support(manifest: Manifest, shots: int, seed: int, classes: Sequence[
 
 
 def _check_enough(by_class: dict[str, list[Sample]], shots: int, manifest: Manifest) -> None:
-    largest = min(len(rows) for rows in by_class.values())
+    max_shots = min(len(rows) for rows in by_class.values())  # the smallest class bounds k
     for label, rows in by_class.items():
         if len(rows) < shots:
             raise UsadError(
                 f"class {label!r} has only {len(rows)} images in manifest {manifest.path or ''}, fewer than "
-                f"k={shots}; the largest k possible for classes {', '.join(by_class)} is {largest}"
+                f"k={shots}; the largest k possible for classes {', '.join(by_class)} is {max_shots}"
             )
 
 
