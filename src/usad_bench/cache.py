@@ -29,7 +29,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import usad_bench
-from usad_bench.errors import UsadError
 from usad_bench.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -51,15 +50,10 @@ def feature_key(backbone_description: dict, layers: tuple[int, ...], variant: st
 
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, memoised by (path, size, mtime) within a process."""
-    try:
-        stat = Path(path).stat()
-    except FileNotFoundError:
-        raise UsadError(
-            f"image not found: {path}; fix the path in the manifest or re-run `usad-bench data prepare`"
-        ) from None
+    stat = path.stat()
     memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
     if memo_key not in _DIGESTS:
-        _DIGESTS[memo_key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        _DIGESTS[memo_key] = hashlib.sha256(path.read_bytes()).hexdigest()
     return _DIGESTS[memo_key]
 
 

@@ -16,6 +16,7 @@ import torch
 
 from usad_bench.backbone import Backbone, ImageFeatures
 from usad_bench.cache import FeatureCache, feature_key, file_digest
+from usad_bench.data.images import require_image
 from usad_bench.data.manifest import Sample
 from usad_bench.data.preprocess import Preprocess, check_variant
 
@@ -86,7 +87,7 @@ class FeatureExtractor:
         )
 
     def _chunk_features(self, chunk: list[Sample], key: str, variant: str, pool) -> ImageFeatures:
-        shas = list(pool.map(lambda s: file_digest(s.image), chunk))
+        shas = list(pool.map(lambda s: file_digest(require_image(s.image)), chunk))
         entries = [self.cache.load(key, sha) for sha in shas]
         missing = [i for i, entry in enumerate(entries) if entry is None]
         if missing:

@@ -196,6 +196,8 @@ def check_same_config(run_dir: Path, opts) -> None:
     from usad_bench.methods import get_method
 
     saved = read_yaml(Path(run_dir) / "config.yaml")
+    if not Path(opts.train).is_file():
+        raise UsadError(f"training manifest not found: {opts.train}; create it with `make data` or fix `data:`")
     wanted = {
         "method": opts.method,
         "method_config": get_method(opts.method).config_class.from_dict(opts.overrides).to_dict(),

@@ -25,11 +25,17 @@ from usad_bench.errors import UsadError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image file, raising UsadError when it is missing or corrupt."""
+def require_image(path: Path) -> Path:
+    """``path`` as a Path, or a UsadError saying what to do when the file is missing."""
     path = Path(path)
     if not path.is_file():
         raise UsadError(f"image not found: {path}; fix the path in the manifest or re-run `usad-bench data prepare`")
+    return path
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image file, raising UsadError when it is missing or corrupt."""
+    path = require_image(path)
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so a truncated file fails here and not deep inside a DataLoader
@@ -47,10 +53,8 @@ def load_rgb(path: Path) -> Image.Image:
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) without decoding the pixels."""
     try:
-        with Image.open(path) as im:
+        with Image.open(require_image(path)) as im:
             return im.size
-    except FileNotFoundError:
-        raise UsadError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise UsadError(f"cannot read image {path} ({exc}); replace the file or remove its row") from exc
 

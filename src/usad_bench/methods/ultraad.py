@@ -92,9 +92,9 @@ class UltraAD(Method):
         self.prompt_learner = ImageAwarePrompts(backbone, templates, init_words=task.prompts.object)
         self.token_head = nn.Linear(dim, self.prompt_learner.width)  # z -> instance token [I]
         self.adapters = nn.ModuleList(nn.Linear(backbone.vision_width, dim) for _ in self.layers)
-        prototypes = state_prototypes(backbone, task.prompts, task.classes, task.dataset)
-        self.register_buffer("prototypes", prototypes)  # (2, D) normal, abnormal
         self.fusion = PatchTextFusion(dim, cfg.pif_heads) if cfg.pif else None
+        prototypes = state_prototypes(backbone, task.prompts, task.classes, task.dataset) if cfg.pif else None
+        self.register_buffer("prototypes", prototypes)  # (2, D) normal, abnormal: PIF's queries (None without PIF)
         self.memory = None
         if cfg.classification:
             descriptions = description_embeddings(backbone, task.prompts, task.classes, task.dataset)
@@ -110,7 +110,7 @@ class UltraAD(Method):
         """Fill the class memory: image memory = unit CLS embeddings averaged over views (Tip-Adapter)."""
         if self.memory is None:
             return
-        device = self.prototypes.device
+        device = self.memory.image_memory.device
         views = torch.stack([F.normalize(support.features[v].cls.float(), dim=-1) for v in support.variants])
         image = F.normalize(views.mean(0), dim=-1).to(device)  # (K, D)
         labels = support.labels.to(device)

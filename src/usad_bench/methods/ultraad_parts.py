@@ -20,6 +20,7 @@ from torch import nn
 from usad_bench.backbone import Backbone
 from usad_bench.data.manifest import NORMAL
 from usad_bench.errors import UsadError
+from usad_bench.methods.common import cache_affinity_logits
 from usad_bench.prompts import PromptSet, ensemble_embedding
 
 PLACEHOLDER = "X"  # one CLIP token ("x</w>"); its input embeddings are replaced by learned tokens
@@ -123,9 +124,8 @@ class ClassMemory(nn.Module):
         """Unit projected query embeddings z (B, D) -> (B, C) logits."""
         per_class = self.label_memory / self.label_memory.sum(0).clamp_min(1.0)  # (K, C), columns average
         text_logits = self.scale * (z @ self.text_memory.T) @ per_class  # (B, C)
-        affinity = z @ F.normalize(self.image_memory, dim=-1).T  # (B, K) cosine to the image memory
-        cache_logits = torch.exp(-self.beta * (1.0 - affinity)) @ self.label_memory  # (B, C)
-        return text_logits + self.alpha * cache_logits
+        keys = F.normalize(self.image_memory, dim=-1)  # (K, D) refined in training, compared by cosine
+        return text_logits + self.alpha * cache_affinity_logits(z, keys, self.label_memory, self.beta)
 
 
 class PatchTextFusion(nn.Module):
