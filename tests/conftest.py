@@ -35,6 +35,21 @@ def tiny_backbone() -> Backbone:
     return Backbone.load(TINY)
 
 
+# usad-tiny pretrained on synthetic images only (`make pretrain-tiny`, shipped in the package): the model the
+# learning tests use, so they exercise the real pipeline. Not a clinical model; its figures are synthetic.
+PRETRAINED_TINY = BackboneSpec(name="usad-tiny", pretrained="synth")
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny_spec() -> BackboneSpec:
+    return PRETRAINED_TINY
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny() -> Backbone:
+    return Backbone.load(PRETRAINED_TINY)
+
+
 @pytest.fixture(scope="session")
 def synth_domains(tmp_path_factory) -> dict[str, Path]:
     """Source and shifted target synthetic domains (manifest paths), shared by the slow tests."""

@@ -172,8 +172,18 @@ def test_lp_plus_plus_step_sizes_by_hand():
     assert step_size_w(features) == pytest.approx(6.0)
     # F T^T = F; column sums of squares 2 and 1 -> step_alpha = N / (4 * 2) = 3/8
     assert step_size_alpha(features, text) == pytest.approx(3.0 / 8.0)
-    # class means of the text cosines: class 0 -> (1, 0), class 1 -> (0, 1); mean 0.5 -> 250 x 0.5
-    assert initial_alpha(features, labels, text, scale=250.0) == pytest.approx(125.0)
+    # The authors' formula: calculate_init_alpha = mean_c(250 / shots x shots x compute_centroids_alpha),
+    # compute_centroids_alpha = sum_i (one_hot * F T^T / class count): one_hot * F T^T keeps, for each
+    # image, only the cosine with its own class's text. Image cosines F T^T = F; class 0 (images 0, 1)
+    # with text 0: (1 + 1) / 2 = 1; class 1 (image 2) with text 1: 1 / 1 = 1. Mean (1 + 1) / 2 = 1 ->
+    # alpha_0 = 250 x 1 = 250. (Averaging over every class x text pair instead would give 125.)
+    assert initial_alpha(features, labels, text, scale=250.0) == pytest.approx(250.0)
+    # Off-diagonal cosines must not count, and classes are averaged after their own means:
+    # texts t_0 = (0.3, 0.6), t_1 = (0.7, 0.5) give F T^T rows (0.3, 0.7), (0.3, 0.7), (0.6, 0.5).
+    # Own-class: class 0 -> (0.3 + 0.3) / 2 = 0.3, class 1 -> 0.5; mean 0.4 -> alpha_0 = 250 x 0.4 = 100.
+    # (All class x text pairs would give 250 x mean(0.3, 0.7, 0.6, 0.5) = 131.25.)
+    uneven = torch.tensor([[0.3, 0.6], [0.7, 0.5]])
+    assert initial_alpha(features, labels, uneven, scale=250.0) == pytest.approx(100.0)
     # A non-diagonal case: F^T F = [[2, 1], [1, 1]] has lambda_max = (3 + sqrt 5) / 2.
     skew = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     assert step_size_w(skew) == pytest.approx(4 * 2 / ((3 + math.sqrt(5)) / 2))
@@ -219,6 +229,46 @@ def test_alpha_beta_search_never_scores_an_image_against_its_own_key():
     _, _, leaky = search_alpha_beta(zero_shot, labels, folds, leaky_cache, betas, alphas)
     assert leaky == 1.0  # the check can tell a leak
     assert honest < 0.7
+
+
+def test_alpha_beta_search_keeps_the_first_grid_point_reaching_the_best_accuracy():
+    # One held-out image of class 1 whose zero-shot logits (1, 0) are wrong; its fold's cache holds one
+    # key of class 1 at cosine 0.5. It is right iff alpha * exp(-beta * 0.5) > 1, so many grid points
+    # tie at accuracy 1. The original's loop (beta outer, alpha inner, replace only if strictly better)
+    # keeps the first: the smallest beta, and for it the first alpha above exp(0.5 * beta).
+    labels = torch.tensor([1, 1])
+    zero_shot = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    values = torch.tensor([[0.0, 1.0]])
+    folds = [(np.array([1]), np.array([0]))]
+
+    def fold_cache(train, held):
+        return torch.tensor([[0.5]]), values
+
+    betas, alphas = tip_grid(12.0, 200), tip_grid(10.0, 20)
+    alpha, beta, accuracy = search_alpha_beta(zero_shot, labels, folds, fold_cache, betas, alphas)
+    expected_alpha = next(float(a) for a in alphas if a * math.exp(-0.5 * float(betas[0])) > 1.0)
+    assert (alpha, beta, accuracy) == (pytest.approx(expected_alpha), pytest.approx(float(betas[0])), 0.5)
+    # Already right without the cache: every point ties, and the very first one is kept.
+    right = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    alpha, beta, _ = search_alpha_beta(right, labels, folds, fold_cache, betas, alphas)
+    assert (alpha, beta) == (pytest.approx(float(alphas[0])), pytest.approx(float(betas[0])))
+
+
+def test_linear_probe_c_search_follows_lpclip_rules(monkeypatch):
+    from usad_bench.methods import linear_probe
+
+    def search(accuracy_of_c) -> float:
+        monkeypatch.setattr(linear_probe, "cv_accuracy", lambda x, y, folds, c, max_iter: accuracy_of_c(c))
+        return linear_probe.search_c(None, None, [], steps=8, max_iter=1)
+
+    # Every C equally accurate: the coarse peak is the first in lpclip's order (1e6); each halving
+    # step then keeps the left end on ties (10^5), and the interval closes in on it.
+    assert search(lambda c: 3) == pytest.approx(1e5)
+    # Only C > 3e5 right: step 1 (1e5 vs 1e7) takes the right end 1e7, range [6, 7]; step 2 ties at
+    # 1e6 vs 1e7 -> left 1e6, and every later step ties -> the left end 1e6.
+    assert search(lambda c: 1 if c > 3e5 else 0) == pytest.approx(1e6)
+    # Only small C right: coarse peak 1e-2 (first of the ties 1e-2, 1e-4, 1e-6); 1e-3 vs 1e-1 -> 1e-3.
+    assert search(lambda c: 1 if c <= 1e-2 else 0) == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("name", ["tip_adapter", "tip_adapter_f"])
@@ -275,6 +325,83 @@ def test_coop_epochs_follow_its_few_shot_schedule(tiny_backbone):
     assert build_method("cocoop", {}, tiny_backbone, list(CLASS_ORDER), 16, samples).cfg.epochs == 10
 
 
+def test_coop_ctx_init_counts_words_as_the_original(tiny_backbone):
+    from usad_bench.methods.coop import PromptLearner
+
+    words = "a sonogram of a"
+    init_tokens = tiny_backbone.tokenize([words])
+    assert int(init_tokens[0].argmax()) - 1 > 4  # "sonogram" is more than one BPE token: the case matters
+    learner = PromptLearner(tiny_backbone, ["benign", "malignant"], n_ctx=16, ctx_init=words)
+    assert learner.n_ctx == 4 and learner.ctx.shape[0] == 4
+    expected = tiny_backbone.token_embedding(init_tokens)[0, 1:5].float()  # CoOp: the first n_ctx tokens
+    assert torch.equal(learner.ctx.detach(), expected)
+    cocoop = build_method("cocoop", {}, tiny_backbone, list(CLASS_ORDER), 1, samples_for([0, 1, 2], "w"))
+    assert cocoop.prompt_learner.n_ctx == 4  # "a photo of a"
+
+
+@pytest.mark.parametrize("name", ["coop", "cocoop"])
+def test_prompt_text_cut_after_end_of_text_matches_the_full_77_tokens(name, tiny_backbone):
+    method = build_method(name, {}, tiny_backbone, list(CLASS_ORDER), 1, samples_for([0, 1, 2], "t"))
+    learner = method.prompt_learner
+    cut = learner.tokens.shape[1]
+    assert cut < 77 and cut == int(learner.tokens.argmax(-1).max()) + 1
+    # The reference: the same prompts over all 77 positions, context vectors written in after SOS.
+    prefix = " ".join(["X"] * learner.n_ctx) if name == "coop" else method.cfg.ctx_init
+    full_tokens = tiny_backbone.tokenize([f"{prefix} {w}." for w in class_words_of(method)])  # (C, 77)
+    full = tiny_backbone.token_embedding(full_tokens).float().clone()
+    torch.manual_seed(0)
+    ctx = learner.ctx.detach() + 0.5 * torch.randn_like(learner.ctx)  # any context, not only the initial one
+    full[:, 1 : 1 + learner.n_ctx] = ctx
+    with torch.no_grad():
+        reference = F.normalize(tiny_backbone.encode_text_embeddings(full, full_tokens), dim=-1)
+        assert full_tokens.shape[1] == 77
+        assert torch.allclose(learner.text_features(tiny_backbone, ctx), reference, atol=1e-5)
+        batched = learner.text_features(tiny_backbone, torch.stack([ctx, ctx]))  # CoCoOp's per-image path
+        assert torch.allclose(batched[1], reference, atol=1e-5)
+
+
+def class_words_of(method) -> list[str]:
+    return [method.task.prompts.class_words(c) for c in method.task.classes]
+
+
+def test_an_epoch_is_one_pass_over_the_support_images(tiny_backbone):
+    from usad_bench.methods.base import steps_per_epoch
+
+    support = feature_support(tiny_backbone.embed_dim, tiny_backbone.image_size, 4, seed=1000)  # 12 images x 2 views
+    n = len(support)
+    dataset = support.training_dataset()
+    for drop_last, sizes in ((False, [5, 5, 2]), (True, [5, 5])):
+        loader = support.training_loader(batch_size=5, seed=3, drop_last=drop_last)
+        assert len(loader) == steps_per_epoch(n, 5, drop_last) == len(sizes)
+        views_seen = set()
+        for _ in range(3):  # epochs
+            batches = list(loader)
+            assert [len(b["label"]) for b in batches] == sizes
+            images = torch.cat([b["index"] for b in batches]).tolist()
+            assert len(set(images)) == len(images)  # each image at most once per epoch, in one view
+            if not drop_last:
+                assert sorted(images) == list(range(n))
+            for b in batches:  # the item is one of that image's cached views
+                for cls, j in zip(b["cls"], b["index"].tolist(), strict=True):
+                    match = [v for v in support.variants if torch.equal(cls, support.features[v].cls[j])]
+                    views_seen.update(match)
+                    assert match
+        assert views_seen == {"orig", "hflip"}
+    # Fewer images than a batch: Dassl's rule keeps the one partial batch instead of training on nothing.
+    small = support.training_loader(batch_size=32, seed=0, drop_last=True)
+    assert [len(b["label"]) for b in small] == [n] and steps_per_epoch(n, 32, True) == 1
+    # Seeded: the same seed repeats the epochs exactly.
+    order = lambda seed: [b["cls"] for b in support.training_loader(4, seed)]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(order(7), order(7), strict=True))
+    assert len(dataset) == 2 * n  # the dataset still addresses every (view, image) pair
+
+
+def test_drop_last_follows_each_original():
+    # Dassl (CoOp, CoCoOp) drops the last partial batch; Tip-Adapter's and the LP++ harness's loaders keep it.
+    assert get_method("coop").drop_last and get_method("cocoop").drop_last
+    assert not get_method("clip_adapter").drop_last and not get_method("tip_adapter_f").drop_last
+
+
 def test_generic_prompts_are_the_originals_wording():
     generic = load_prompts("generic")
     assert generic.class_prompts("benign") == ["a photo of a benign."]
@@ -313,7 +440,8 @@ def test_runner_reports_class_and_detection_metrics_from_one_model(tiny_spec, sy
     for key in ("cls_auroc_macro", "cls_balanced_accuracy", "cls_macro_f1", "image_auroc"):
         assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
     assert "pixel_auroc" not in metrics and "warning" in result  # no maps; random weights are labelled
-    lines = (run / "predictions" / "target.csv").read_text().splitlines()
+    text = (run / "predictions" / "target.csv").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("#")]  # random weights: a warning row
     header, first = lines[0].split(","), lines[1].split(",")
     p_normal = float(first[header.index("p_normal")])
     assert float(first[header.index("score")]) == pytest.approx(1.0 - p_normal, abs=1e-5)

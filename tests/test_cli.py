@@ -24,8 +24,9 @@ def fit_args(method: str, train: Path, shots: int, out: Path, *extra) -> list:
 
 
 def read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV, skipping the '# random backbone weights ...' comment line the outputs of tiny runs carry."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
 def cli(*args, cache: Path | None = None) -> int:

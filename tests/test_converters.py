@@ -135,7 +135,10 @@ def test_bus_uclm_labels_patients_and_binary_masks(uclm_tree: Path, tmp_path: Pa
 )
 def test_bus_uclm_size_mismatch_is_an_error(uclm_tree: Path, tmp_path: Path, name: str, size: tuple[int, int]):
     _mask(uclm_tree / "BUS-UCLM" / "masks" / name, size=size, colour=RED, mode="RGB")
-    with pytest.raises(UsadError, match=rf"{name[:-4]}\.png is {size[0]}x{size[1]} but its image is 24x16"):
+    stem, (w, h) = name[:-4], size
+    with pytest.raises(
+        UsadError, match=rf"1 mask\(s\) differ.*{stem}\.png is {w}x{h} but its image {stem}\.png is 24x16"
+    ):
         prepare("bus_uclm", uclm_tree, tmp_path / "out")
 
 
@@ -213,7 +216,7 @@ def test_folder_layout(folder_tree: Path, tmp_path: Path):
         (lambda r: (r / "normal" / "n1.png").unlink(), "class folder .*normal has no images"),
         (lambda r: (r / "normal" / "n1.png").write_bytes(b"not a png"), r"cannot read image .*n1\.png"),
         (lambda r: _mask(r / "masks" / "Benign" / "b1.png", size=(30, 16)), r"b1\.png is 30x16 but its image"),
-        (lambda r: _image(r / "normal" / "b1.png"), "same stem"),
+        (lambda r: _image(r / "normal" / "b1.png"), "share a stem"),
     ],
     ids=["empty-class", "corrupt-image", "mask-size", "duplicate-stem"],
 )

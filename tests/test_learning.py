@@ -29,7 +29,7 @@ def fit_and_score(tmp_path, synth_domains, epochs: int) -> dict:
 def test_linear_adapter_learns_the_lesion_map(tmp_path, synth_domains):
     trained = fit_and_score(tmp_path, synth_domains, epochs=20)
     untrained = fit_and_score(tmp_path, synth_domains, epochs=0)
-    # Observed with seed 0: held-out source pixel AUROC 0.893, shifted target 0.814; untrained 0.441.
+    # Observed with seed 0: held-out source pixel AUROC 0.866, shifted target 0.803; untrained 0.429.
     assert trained["heldout"]["pixel_auroc"] > 0.8
     assert trained["target"]["pixel_auroc"] > 0.75
     assert trained["heldout"]["pixel_auroc"] > untrained["heldout"]["pixel_auroc"] + 0.15

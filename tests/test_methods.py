@@ -5,6 +5,8 @@ New methods are covered automatically: register them and import them in methods/
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def make_method(name: str, backbone: Backbone, manifest_path, overrides=None) ->
     samples = manifest.subset(split.support_ids).samples
     torch.manual_seed(0)
     method = build_method(name, overrides or {}, backbone, split.classes, SHOTS, samples)
-    extractor = FeatureExtractor(backbone, FeatureCache(None), method.feature_layers())
+    extractor = FeatureExtractor(backbone, FeatureCache(None), method.feature_request())
     support = build_support(samples, extractor, method.task, method.train_variants())
     method.setup_support(support)
     return method, support
@@ -77,6 +79,11 @@ def test_trainable_parameters_get_gradients_and_backbone_none(method_name, tiny_
     trainable = [n for n, p in params.items() if p.requires_grad]
     assert trainable and all(not n.startswith("backbone.") for n in trainable)
     missing = [n for n in trainable if params[n].grad is None or params[n].grad.abs().sum() == 0]
+    if missing:  # a zero-initialised output layer (UltraAD's MiniNet) passes no gradient back before its first step
+        torch.optim.SGD([params[n] for n in trainable], lr=0.1).step()
+        method.zero_grad()
+        method.training_step(batch, 0).backward()
+        missing = [n for n in missing if params[n].grad is None or params[n].grad.abs().sum() == 0]
     assert not missing, f"no gradient reaches {missing}"
     assert all(p.grad is None for p in tiny_backbone.parameters())
 
@@ -104,3 +111,28 @@ def test_config_defaults_round_trip_and_reject_unknown_keys(method_name):
     assert cls.config_class.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UsadError, match="no option"):
         cls.config_class.from_dict({"definitely_not_an_option": 1})
+
+
+def test_focal_loss_is_april_gans_formula():
+    """APRIL-GAN's FocalLoss (alpha 1, gamma 2, smooth 1e-5), written out per pixel from its definition:
+    the one-hot target of class t is clamped into [smooth / (K - 1), 1 - smooth] (K = 2 classes),
+    p_t = <smoothed target, probabilities> + smooth, and the loss is the mean of -(1 - p_t)^2 log p_t."""
+    from usad_bench.methods.losses import focal_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = 6.0 * torch.randn(2, 2, 5, 5, generator=g, dtype=torch.float64)  # some confidently wrong pixels
+    probs = logits.softmax(1)
+    target = (torch.rand(2, 5, 5, generator=g) > 0.5).double()
+    smooth, total = 1e-5, 0.0
+    for b in range(2):
+        for y in range(5):
+            for x in range(5):
+                t = int(target[b, y, x])
+                smoothed = [min(max(1.0 if k == t else 0.0, smooth), 1.0 - smooth) for k in range(2)]
+                p_t = sum(smoothed[k] * float(probs[b, k, y, x]) for k in range(2)) + smooth
+                total += -((1.0 - p_t) ** 2) * math.log(p_t)
+    assert float(focal_loss(probs, target)) == pytest.approx(total / 50, rel=1e-12)
+    # Every pixel keeps a gradient, even one whose true-class probability is below the smoothing term.
+    worst = torch.tensor([[[[1e-9]], [[1.0 - 1e-9]]]], dtype=torch.float64, requires_grad=True)  # p(normal) ~ 0
+    focal_loss(worst, torch.zeros(1, 1, 1, dtype=torch.float64)).backward()
+    assert worst.grad[0, 0].abs().item() > 1.0

@@ -152,3 +152,116 @@ def test_multiclass_with_a_class_absent_from_the_test_set():
     assert out["cls_macro_f1"] == pytest.approx(
         skm.f1_score(labels, logits.argmax(1), labels=[1, 2], average="macro", zero_division=0)
     )
+
+
+def reference_ranking(scores: np.ndarray) -> metrics.Ranking:
+    """The straightforward sort: a stable argsort of the negated scores."""
+    scores = np.asarray(scores).ravel()
+    order = np.argsort(-scores, kind="stable")
+    return metrics.Ranking(order=order, scores=scores[order])
+
+
+def tied_maps(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 maps full of ties (coarse values, exact zeros of both signs, infinities) and lesion masks."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((4, 20, 20), bool)
+    masks[0, 3:9, 4:12] = True
+    masks[1, 10:18, 10:15] = True
+    masks[1, 1:3, 1:3] = True
+    maps = np.round(rng.normal(size=masks.shape) + masks * 1.2, 1).astype(np.float32)
+    maps[2, :3] = -0.0
+    maps[2, 3:6] = 0.0
+    maps[3, 0, :4] = [np.inf, -np.inf, -1e-30, 1e-30]
+    return masks, maps
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_sort_equals_stable_argsort(seed):
+    _, maps = tied_maps(seed)
+    packed, reference = metrics.rank_descending(maps), reference_ranking(maps)
+    np.testing.assert_array_equal(packed.order, reference.order)  # ties in input order, as the stable sort
+    np.testing.assert_array_equal(packed.scores, reference.scores)
+    with_nan = maps.copy()
+    with_nan[0, 0, 0] = np.nan  # NaN takes the argsort path: same result as before
+    np.testing.assert_array_equal(metrics.rank_descending(with_nan).order, reference_ranking(with_nan).order)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pixel_metrics_with_one_shared_sort_equal_the_reference_path(seed):
+    masks, maps = tied_maps(seed)
+    maps[3, 0, :2] = 5.0, -5.0  # finite: scikit-learn and the brute force take no infinities
+    shared = metrics.pixel_metrics(masks, maps)
+    # Reference: the curve and AUPRO each from their own stable argsort (the code before the shared sort).
+    curve = metrics.curve_metrics(masks, maps, reference_ranking(maps))
+    reference = {
+        "pixel_auroc": curve["auroc"],
+        "pixel_ap": curve["ap"],
+        "pixel_f1_max": curve["f1_max"],
+        "aupro": metrics.aupro(masks, maps, ranking=reference_ranking(maps)),
+    }
+    assert shared == reference  # identical, not merely close
+    assert shared["pixel_auroc"] == pytest.approx(skm.roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert shared["aupro"] == pytest.approx(brute_force_aupro(masks, maps, 0.3), abs=1e-9)
+    tps, fps, thresholds = metrics.binary_curve(masks, maps)
+    ref = metrics.binary_curve(masks, maps, ranking=reference_ranking(maps))
+    for a, b in zip((tps, fps, thresholds), ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dice_and_iou_at_a_fixed_threshold_hand_made():
+    masks = np.zeros((3, 4, 4), bool)
+    masks[0, 0, :4] = True  # 4 lesion pixels
+    masks[1, 1:3, 1:3] = True  # 4 lesion pixels
+    maps = np.zeros((3, 4, 4), np.float32)
+    maps[0, 0, :2] = 0.9  # 2 of 4 found: Dice 2*2/(4+2) = 2/3, IoU 2/4
+    maps[0, 3, 3] = 0.7  # plus one false positive: Dice 4/7, IoU 2/5
+    maps[1, 1:3, 1:3] = 0.5  # exactly 0.5 counts as predicted: Dice 1, IoU 1
+    maps[2] = 0.99  # no lesion: not in the means
+    out = metrics.fixed_threshold_metrics(masks, maps, 0.5)
+    assert set(out) == {"dice_at_0.5", "iou_at_0.5"}
+    assert out["dice_at_0.5"] == pytest.approx((4 / 7 + 1) / 2)
+    assert out["iou_at_0.5"] == pytest.approx((2 / 5 + 1) / 2)
+    assert np.isnan(metrics.iou(np.zeros((1, 4, 4), bool), maps[:1], 0.5))
+
+
+def test_class_branch_image_auroc_hand_made():
+    # Classes (normal, benign, malignant); 1 - p(normal) = 0.9, 0.2, 0.6, 0.3 for labels 1, 0, 1, 0.
+    p = np.array([[0.1, 0.5, 0.4], [0.8, 0.1, 0.1], [0.4, 0.3, 0.3], [0.7, 0.2, 0.1]])
+    is_anomaly = np.array([1, 0, 1, 0])
+    out = metrics.class_branch_image_metrics(is_anomaly, np.log(p), normal_index=0)
+    assert out == {"image_auroc_class_branch": pytest.approx(1.0)}
+    is_anomaly = np.array([1, 1, 0, 0])  # pairs: 0.9>0.6, 0.9>0.3, 0.2<0.6, 0.2<0.3 -> 2/4
+    assert metrics.class_branch_image_metrics(is_anomaly, np.log(p), 0)["image_auroc_class_branch"] == 0.5
+    # p(normal) rounds to 1 for every image: the log-odds still rank them.
+    logits = np.array([[60.0, 1.0, 0.0], [60.0, 0.0, 0.0], [60.0, 3.0, 0.0], [60.0, -1.0, 0.0]])
+    out = metrics.class_branch_image_metrics(np.array([1, 0, 1, 0]), logits, 0)
+    assert out["image_auroc_class_branch"] == pytest.approx(1.0)
+
+
+def test_score_test_reports_fixed_threshold_and_class_branch_metrics():
+    from usad_bench.runner import Collected, score_test
+
+    masks = np.zeros((4, 8, 8), bool)
+    masks[0, 2:5, 2:5] = True
+    masks[1, 0:2, :] = True
+    maps = (masks * 0.7 + 0.1).astype(np.float32)
+    maps[1, 0, :] = 0.2  # half of the second lesion missed at 0.5
+    logits = np.log(np.array([[0.2, 0.5, 0.3], [0.3, 0.3, 0.4], [0.9, 0.05, 0.05], [0.6, 0.2, 0.2]]))
+    c = Collected(
+        ids=list("abcd"),
+        labels=["benign", "malignant", "normal", "normal"],
+        is_anomaly=[True, True, False, False],
+        scores=[np.array([0.1, 0.9, 0.5, 0.2])],  # the mask-guided score ranks differently from the class branch
+        logits=[logits],
+        maps=list(maps),
+        masks=list(masks),
+        predicts_maps=True,
+    )
+    out = score_test(c, ["normal", "benign", "malignant"], dice_threshold=None)
+    assert out["dice_at_0.5"] == pytest.approx((1.0 + 2 * 8 / (16 + 8)) / 2)  # lesion 2: 8 of 16 found
+    assert out["iou_at_0.5"] == pytest.approx((1.0 + 8 / 16) / 2)
+    assert out["image_auroc_class_branch"] == pytest.approx(1.0)  # 1 - p(normal): 0.8, 0.7 vs 0.1, 0.4
+    assert out["image_auroc"] == pytest.approx(0.5)  # pairs: 0.1 < 0.5, 0.1 < 0.2, 0.9 > 0.5, 0.9 > 0.2
+    c.maps = [m * 3.0 for m in c.maps]  # not probabilities: no fixed-threshold numbers, a note instead
+    out = score_test(c, ["normal", "benign", "malignant"], dice_threshold=None)
+    assert "dice_at_0.5" not in out and any("dice_at_0.5" in n for n in out["notes"])

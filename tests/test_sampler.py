@@ -177,3 +177,17 @@ def test_exclude_groups_accepts_a_single_group():
     manifest = one_patient_per_class_manifest()
     assert {s.group for s in exclude_groups(manifest, "p-normal")} == {"p-benign", "p-malignant"}
     assert len(exclude_groups(manifest, [])) == len(manifest)
+
+
+def test_support_image_digests_are_recorded_and_optional(tmp_path):
+    samples = []
+    for i, label in enumerate(["normal", "normal", "benign", "benign"]):
+        image = tmp_path / f"{i}.png"
+        image.write_bytes(bytes([i]) * 10)
+        samples.append(Sample(f"d/{i}", image, (), label, label != "normal", f"p{i}", "d", "d"))
+    split = sample_support(Manifest(samples), 1, seed=0)
+    assert len(split.support_sha256) == 2 and set(split.support_sha256) == set(split.support_ids)
+    write_split(split, tmp_path / "split.json")
+    assert read_split(tmp_path / "split.json").support_sha256 == split.support_sha256
+    older = {k: v for k, v in split.to_json().items() if k != "support_sha256"}  # a split.json written before
+    assert Split.from_json(older).support_sha256 == {}

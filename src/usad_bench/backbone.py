@@ -17,10 +17,14 @@ numbers are 1-indexed block outputs, as papers write them (L6/12/18/24 of ViT-L/
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from usad_bench.errors import UsadError
+from usad_bench.feature_kinds import DPAM, RAW, WINDOWS, FeatureRequest, encode_dpam, encode_windows, require_vit
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,9 @@ class BackboneSpec:
     image_size: int | None = None  # input size override (positional embeddings are interpolated); None = model's
     precision: str = "fp32"  # fp32, fp16 or bf16 for the frozen towers
     seed: int = 0  # initialises random weights (only used when pretrained is None)
+    # MLP activation of both towers: None = the method's default (see Method.activation), else as open_clip
+    # builds the model name; "gelu" (exact), "quick_gelu", or "native" (what the weights were trained with).
+    activation: str | None = None
 
     @property
     def is_random(self) -> bool:
@@ -59,6 +67,12 @@ class BackboneSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def with_default_activation(self, activation: str | None) -> BackboneSpec:
+        """This spec with ``activation`` filled in when the user left it unset (a method's authors' choice)."""
+        if self.activation is not None or activation is None:
+            return self
+        return replace(self, activation=activation)
+
 
 @dataclass
 class ImageFeatures:
@@ -67,6 +81,8 @@ class ImageFeatures:
     cls: torch.Tensor  # (B, D) CLS embedding in the joint space, not normalised
     patches: torch.Tensor | None  # (B, L, N, W) tokens of the chosen blocks, before final norm/projection
     layers: tuple[int, ...] = field(default=())  # 1-indexed blocks, in the order of dim 1 of `patches`
+    kind: str = RAW  # feature kind (usad_bench.feature_kinds): what `cls` and `patches` hold
+    windows: dict[int, torch.Tensor] = field(default_factory=dict)  # windows kind: side -> (B, n_windows, D)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -105,7 +121,7 @@ class Backbone(nn.Module):
     @classmethod
     def load(cls, spec: BackboneSpec, device: str | torch.device = "cpu") -> Backbone:
         register_tiny_model()
-        kwargs = {"precision": spec.precision, "device": resolve_device(device)}
+        kwargs = {"precision": spec.precision, "device": resolve_device(device), **_activation_kwargs(spec)}
         if spec.image_size:
             kwargs["force_image_size"] = spec.image_size
         if spec.is_random:
@@ -114,6 +130,7 @@ class Backbone(nn.Module):
                 model = _create(spec, pretrained=None, **kwargs)
             return cls(model, spec, weights_id=f"random:{spec.name}:seed{spec.seed}")
         pretrained, weights_id = _resolve_weights(spec)
+        require_downloadable(spec, pretrained)  # offline and not cached: fail in seconds, before building the model
         return cls(_create(spec, pretrained=pretrained, **kwargs), spec, weights_id)
 
     def train(self, mode: bool = True) -> Backbone:
@@ -170,6 +187,7 @@ class Backbone(nn.Module):
             "image_size": self.image_size,
             "mean": list(mean),
             "std": list(std),
+            "activation": self.activation,
             "open_clip": open_clip.__version__,
             "torch": torch.__version__.split("+")[0],
         }
@@ -186,6 +204,47 @@ class Backbone(nn.Module):
         cls = out["image_features"].float()
         patches = torch.stack(out["image_intermediates"], dim=1) if layers else None  # (B, L, N, W)
         return ImageFeatures(cls=cls, patches=patches, layers=tuple(layers))
+
+    @property
+    def activation(self) -> str:
+        """The MLP activation the image tower runs: "gelu", "quick_gelu" or another module's name."""
+        blocks = _vision_blocks(self.visual)
+        mlp = getattr(blocks[0], "mlp", None)
+        act = getattr(mlp, "gelu", None) or getattr(mlp, "act", None)  # open_clip block / timm Mlp
+        return {"GELU": "gelu", "QuickGELU": "quick_gelu"}.get(type(act).__name__, type(act).__name__)
+
+    def check_request(self, request: FeatureRequest) -> None:
+        """Fail clearly, before any image is read, when this backbone cannot produce ``request``."""
+        # a stream may start at block 0 = the embedded tokens entering block 1 (AdaCLIP's prompts enter there)
+        self._check_layers(tuple(i for i in request.layers if not (request.kind == "stream" and i == 0)))
+        if request.kind != RAW:
+            require_vit(self.visual, request.kind)
+        if request.kind == DPAM and not 1 <= request.dpam_start <= self.num_layers:
+            raise UsadError(f"dpam_start={request.dpam_start} out of range 1..{self.num_layers} for {self.spec.name}")
+
+    @torch.no_grad()
+    def encode_features(self, images: torch.Tensor, request: FeatureRequest) -> ImageFeatures:
+        """The features ``request`` names (see usad_bench.feature_kinds); ``raw`` is ``encode_images``."""
+        self.check_request(request)
+        if request.kind == RAW:
+            return self.encode_images(images, request.layers)
+        images = images.to(self.device, self._dtype)
+        if request.kind == DPAM:
+            cls, tokens = encode_dpam(self.visual, images, request.layers, request.dpam_start)
+            return ImageFeatures(cls=cls.float(), patches=tokens.float(), layers=request.layers, kind=DPAM)
+        if request.kind == "stream":  # MVFA's cached prefix: (B, 1, 1 + N, W), CLS included (usad_bench.stream)
+            from usad_bench.stream import encode_stream
+
+            cls, tokens = encode_stream(self.visual, images, request.layers[0])
+            return ImageFeatures(cls=cls.float(), patches=tokens.float(), layers=request.layers, kind="stream")
+        cls, tokens, windows = encode_windows(self.visual, images, self.grid, request.scales)
+        return ImageFeatures(
+            cls=cls.float(),
+            patches=tokens.unsqueeze(1).float(),  # (B, 1, N, W): final block, after ln_post, not projected
+            layers=(self.num_layers,),
+            kind=WINDOWS,
+            windows={side: w.float() for side, w in windows.items()},
+        )
 
     def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Map raw block tokens (..., W) into the joint space (..., D) with the final norm and projection."""
@@ -207,6 +266,11 @@ class Backbone(nn.Module):
         return next(self.visual.parameters()).dtype
 
     # ---------------------------------------------------------------- text side
+    @property
+    def text_num_layers(self) -> int:
+        """Blocks of the text transformer (0 for a Hugging Face text tower), e.g. to size deep prompts."""
+        return len(self._text.tower.transformer.resblocks) if self._text.native else 0
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts).to(self.device)
 
@@ -219,8 +283,16 @@ class Backbone(nn.Module):
         """Input embeddings (T, C, Wt) of token ids (T, C); edit them, then call ``encode_text_embeddings``."""
         return self._text.tower.token_embedding(tokens)
 
+    def text_positional_embedding(self) -> torch.Tensor:
+        """(C, Wt) positional embeddings of the text tower (added inside ``encode_text_embeddings``)."""
+        return self._text.tower.positional_embedding
+
     def encode_text_embeddings(
-        self, embeddings: torch.Tensor, tokens: torch.Tensor, deep_prompts: list[torch.Tensor] | None = None
+        self,
+        embeddings: torch.Tensor,
+        tokens: torch.Tensor,
+        deep_prompts: list[torch.Tensor] | None = None,
+        pre_final_norm: nn.Module | None = None,
     ) -> torch.Tensor:
         """Encode edited input embeddings (T, C, Wt); gradients flow to them, not to the frozen weights.
 
@@ -229,8 +301,35 @@ class Backbone(nn.Module):
             tokens: the token ids they came from; used to find each prompt's end-of-text position.
             deep_prompts: optional list of (n, Wt) tensors; before block j+1 the n positions after the
                 start token are replaced by ``deep_prompts[j]`` (compound / deep prompt tuning).
+            pre_final_norm: optional learned module applied to every token before the final layer norm
+                (VCP-CLIP's ``prompt_norm``).
         """
-        return self._text.encode(embeddings, tokens.to(self.device), deep_prompts)
+        return self._text.encode(embeddings, tokens.to(self.device), deep_prompts, pre_final_norm)
+
+    def text_prefix(self, embeddings: torch.Tensor) -> torch.Tensor | None:
+        """Run the text tower once over positions that many prompts share, for ``encode_text_after_prefix``.
+
+        Args:
+            embeddings: (T, p, Wt) input embeddings of the first p positions of T prompts.
+        Returns:
+            (L, T, p, Wt): per block, its layer-normed input at those positions (what later positions
+            attend to); None when the tower is not a plain causal open_clip text transformer. A causal
+            position never sees the ones after it, so this is the same whatever follows the prefix.
+        """
+        return _text_prefix(self._text.tower, embeddings.to(self.device)) if self._text.native else None
+
+    def encode_text_after_prefix(self, prefix: torch.Tensor, embeddings: torch.Tensor, tokens: torch.Tensor):
+        """``encode_text_embeddings`` of whole prompts, computing only the positions after a cached prefix.
+
+        Args:
+            prefix: (L, T, p, Wt) from ``text_prefix``, one row per prompt of this call.
+            embeddings: (T, C - p, Wt) input embeddings of positions p..C-1 (gradients flow to them).
+            tokens: (T, C) token ids of the whole prompts; their end-of-text position must be >= p.
+        Returns:
+            (T, D) text embeddings, not normalised. Callers check once that this equals
+            ``encode_text_embeddings`` on their prompts (it does for CLIP's causal tower).
+        """
+        return _text_after_prefix(self._text.tower, prefix, embeddings, tokens.to(self.device))
 
 
 class _TextTower:
@@ -246,7 +345,13 @@ class _TextTower:
             return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
         return int(model.encode_text(torch.zeros(1, 77, dtype=torch.long)).shape[-1])
 
-    def encode(self, x: torch.Tensor, tokens: torch.Tensor, deep_prompts: list[torch.Tensor] | None) -> torch.Tensor:
+    def encode(
+        self,
+        x: torch.Tensor,
+        tokens: torch.Tensor,
+        deep_prompts: list[torch.Tensor] | None,
+        pre_final_norm: nn.Module | None = None,
+    ) -> torch.Tensor:
         if not self.native:
             raise UsadError(
                 "this method edits prompt embeddings, which needs an open_clip text transformer; the model's "
@@ -263,12 +368,60 @@ class _TextTower:
                 n = prompt.shape[0]
                 x = torch.cat([x[:, :1], prompt.expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
             x = block(x, attn_mask=mask) if batch_first else block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+        if pre_final_norm is not None:
+            x = pre_final_norm(x)
         x = t.ln_final(x)
         pooled = _pool_text(x, tokens, getattr(t, "text_pool_type", getattr(t, "pool_type", "argmax")))
         proj = t.text_projection
         if proj is None:
             return pooled.float()
         return (proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj).float()
+
+
+def _prefix_ready(tower: nn.Module) -> bool:
+    """A text tower ``text_prefix`` can resume: causal mask, batch-first plain blocks, end-of-text pooling."""
+    plain = all(
+        isinstance(b, open_clip.transformer.ResidualAttentionBlock)
+        and isinstance(b.attn, nn.MultiheadAttention)
+        and not hasattr(b, "ln_1_kv")
+        for b in tower.transformer.resblocks
+    )
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+    causal = getattr(tower, "attn_mask", None) is not None
+    return plain and causal and pool == "argmax" and getattr(tower.transformer, "batch_first", True)
+
+
+@torch.no_grad()
+def _text_prefix(tower: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """(T, p, Wt) prefix embeddings -> (L, T, p, Wt) layer-normed block inputs (``Backbone.text_prefix``)."""
+    if not _prefix_ready(tower):
+        return None
+    p = x.shape[1]
+    x = x + tower.positional_embedding[:p].to(x.dtype)
+    mask = tower.attn_mask[:p, :p]
+    states = []
+    for block in tower.transformer.resblocks:
+        states.append(block.ln_1(x))
+        x = block(x, attn_mask=mask)
+    return torch.stack(states)
+
+
+def _text_after_prefix(tower: nn.Module, prefix: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor):
+    """Positions p.. of prompts through every block, attending to the cached prefix (``Backbone``'s doc)."""
+    p, n = prefix.shape[2], x.shape[1]
+    x = x + tower.positional_embedding[p : p + n].to(x.dtype)
+    mask = tower.attn_mask[p : p + n, : p + n].to(x.dtype)  # causal rows of these positions, all keys
+    for block, cached in zip(tower.transformer.resblocks, prefix, strict=True):
+        normed = block.ln_1(x)  # (T, n, Wt)
+        keys = torch.cat([cached.to(x.dtype), normed], dim=1)  # (T, p + n, Wt)
+        x = x + block.ls_1(block.attn(normed, keys, keys, need_weights=False, attn_mask=mask)[0])
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    x = tower.ln_final(x)
+    pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1) - p]  # end-of-text token
+    proj = tower.text_projection
+    if proj is None:
+        return pooled.float()
+    return (proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj).float()
 
 
 def _pool_text(x: torch.Tensor, tokens: torch.Tensor, pool_type: str) -> torch.Tensor:
@@ -288,15 +441,34 @@ def _vision_blocks(visual: nn.Module) -> nn.ModuleList:
     return visual.trunk.blocks  # timm ViT
 
 
+ACTIVATIONS = ("gelu", "quick_gelu", "native")
+
+
+def _activation_kwargs(spec: BackboneSpec) -> dict:
+    """open_clip arguments for the requested MLP activation (None: as open_clip builds the model name)."""
+    if spec.activation is None:
+        return {}
+    if spec.activation not in ACTIVATIONS:
+        raise UsadError(f"activation {spec.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    quick = spec.activation == "quick_gelu"
+    if spec.activation == "native":  # what the weights were trained with, per open_clip's pretrained table
+        if spec.is_random or spec.name.startswith(("hf-hub:", LOCAL_DIR)):
+            return {}
+        quick = bool((open_clip.get_pretrained_cfg(spec.name, str(spec.pretrained)) or {}).get("quick_gelu"))
+    return {"force_quick_gelu": True} if quick else {"quick_gelu": False}
+
+
 def _create(spec: BackboneSpec, pretrained: str | None, **kwargs) -> nn.Module:
     try:
         return open_clip.create_model(spec.name, pretrained=pretrained, **kwargs)
-    except RuntimeError as exc:
-        if "not found in built-ins" in str(exc):
+    except Exception as exc:  # torch/safetensors raise many types for a bad file; each becomes one line
+        if isinstance(exc, RuntimeError) and "not found in built-ins" in str(exc):
             raise UsadError(f"unknown open_clip model {spec.name!r}; see `open_clip.list_models()`") from None
-        raise UsadError(_weights_help(spec, exc)) from exc
-    except (OSError, ValueError) as exc:
-        raise UsadError(_weights_help(spec, exc)) from exc
+        if pretrained is not None and Path(pretrained).is_file():
+            raise UsadError(_checkpoint_help(spec, Path(pretrained), exc)) from exc
+        if isinstance(exc, (RuntimeError, OSError, ValueError)):
+            raise UsadError(_weights_help(spec, exc)) from exc
+        raise
 
 
 def _resolve_weights(spec: BackboneSpec) -> tuple[str | None, str]:
@@ -306,6 +478,8 @@ def _resolve_weights(spec: BackboneSpec) -> tuple[str | None, str]:
     if spec.name.startswith(LOCAL_DIR):
         return None, _local_dir_weights_id(Path(spec.name.removeprefix(LOCAL_DIR)).expanduser())
     pretrained = str(spec.pretrained)
+    if pretrained == SYNTH_WEIGHTS:
+        return _synth_weights(spec)
     if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -315,6 +489,24 @@ def _resolve_weights(spec: BackboneSpec) -> tuple[str | None, str]:
     if pretrained not in tags:
         raise UsadError(f"{spec.name} has no pretrained tag {pretrained!r}; known tags: {tags or 'none'}")
     return pretrained, f"tag:{spec.name}:{pretrained}"
+
+
+SYNTH_WEIGHTS = "synth"  # --pretrained synth: the package's usad-tiny weights, pretrained on synthetic images only
+
+
+def synth_weights_path(name: str = TINY_MODEL) -> Path:
+    """Where the built-in synthetic-pretrained weights of ``name`` live (written by `make pretrain-tiny`)."""
+    return Path(str(resources.files("usad_bench") / "resources" / "weights" / f"{name}-synth.safetensors"))
+
+
+def _synth_weights(spec: BackboneSpec) -> tuple[str, str]:
+    """``--pretrained synth``: the file and an identity that names it synthetic and hashes its content."""
+    path = synth_weights_path(spec.name)
+    if spec.name != TINY_MODEL:
+        raise UsadError(f"--pretrained synth exists for --backbone {TINY_MODEL} only, not {spec.name}")
+    if not path.is_file():
+        raise UsadError(f"the built-in synthetic weights are missing ({path}); run `make pretrain-tiny` to create them")
+    return str(path), f"synth:{spec.name}:{file_sha256(path)}"
 
 
 def _local_dir_weights_id(folder: Path) -> str:
@@ -332,8 +524,7 @@ def _local_dir_weights_id(folder: Path) -> str:
 
 
 def _weights_help(spec: BackboneSpec, exc: Exception) -> str:
-    reason = str(exc).splitlines()[0]
-    reason = reason if len(reason) <= 160 else reason[:160] + "…"
+    reason = _one_line(exc)  # the whole cause, on one line
     if spec.name.startswith("hf-hub:"):
         return (
             f"could not load {spec.name} ({reason}). Offline? Download that Hugging Face repo (open_clip_config.json "
@@ -351,6 +542,116 @@ def _weights_help(spec: BackboneSpec, exc: Exception) -> str:
         "checkpoint on a connected machine and pass its path with --pretrained /path/to/file (or copy a filled "
         "~/.cache/huggingface/hub here); --pretrained none gives random weights."
     )
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _checkpoint_help(spec: BackboneSpec, path: Path, exc: Exception) -> str:
+    """A local --pretrained file that open_clip could not load: another model's weights, or a damaged file."""
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("state_dict" in text or "size mismatch" in text or "Missing key" in text):
+        return (
+            f"checkpoint {path} does not fit --backbone {spec.name}: it holds the weights of another architecture "
+            f"({_one_line(exc)}). Pass the --backbone the checkpoint was trained as, or a checkpoint of {spec.name}."
+        )
+    return (
+        f"checkpoint {path} cannot be read ({_one_line(exc)}): the file is damaged or not a PyTorch/safetensors "
+        "checkpoint; download or copy it again (compare its size or sha256 with the source)."
+    )
+
+
+# ----------------------------------------------------------------------------- offline: fail fast
+NETWORK_TIMEOUT_S = 3.0  # one HEAD request; a connected machine answers well within it
+
+
+def require_downloadable(spec: BackboneSpec, pretrained: str | None) -> None:
+    """Weights that open_clip would download: check the network once; offline, use the cache or fail now.
+
+    Without this, huggingface_hub retries for tens of seconds before an unhelpful error. Offline with
+    the weights cached, huggingface_hub is switched to its offline mode, so it reads the cache without
+    trying the network again.
+    """
+    source = _download_source(spec, pretrained)
+    if source is None:
+        return
+    url, cached = source
+    origin = "{0.scheme}://{0.netloc}/".format(urllib.parse.urlsplit(url))  # one check per server and process
+    reason = "HF_HUB_OFFLINE is set" if _hf_offline() else _network_error(origin)
+    if reason is None:
+        return
+    if cached:
+        _set_hf_offline()
+        return
+    raise UsadError(_offline_help(spec, reason))
+
+
+def _download_source(spec: BackboneSpec, pretrained: str | None) -> tuple[str, bool] | None:
+    """(URL to check, already in the local cache?) for weights fetched from the network; None for local ones."""
+    if spec.name.startswith("hf-hub:"):
+        return _hf_source(spec.name.removeprefix("hf-hub:"), "open_clip_config.json")
+    if pretrained is None or Path(pretrained).is_file():
+        return None
+    cfg = open_clip.get_pretrained_cfg(spec.name, str(pretrained)) or {}
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # as open_clip splits it: "org/model/" has the default file
+        return _hf_source(repo, filename or "open_clip_pytorch_model.bin")
+    if cfg.get("url"):
+        cached = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])  # open_clip's URL cache
+        return cfg["url"], cached.is_file()
+    return None
+
+
+def _hf_source(repo: str, filename: str) -> tuple[str, bool]:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    names = (filename, "open_clip_model.safetensors") if filename.endswith(".bin") else (filename,)
+    cached = any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
+    return f"{constants.ENDPOINT}/{repo}", cached
+
+
+def _hf_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _set_hf_offline() -> None:
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True  # the switch huggingface_hub reads (also set by the HF_HUB_OFFLINE variable)
+
+
+@functools.cache
+def _network_error(url: str) -> str | None:
+    """None when ``url``'s server answers one HEAD request (through the environment's proxies), else why not."""
+    try:
+        opener = urllib.request.build_opener()  # reads the proxy variables now (urlopen keeps its first opener's)
+        opener.open(urllib.request.Request(url, method="HEAD"), timeout=NETWORK_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # the server answered (e.g. 401 for a gated repo): the network is there
+    except (OSError, ValueError) as exc:
+        return _one_line(exc)
+    return None
+
+
+def _offline_help(spec: BackboneSpec, reason: str) -> str:
+    what = spec.name if spec.name.startswith("hf-hub:") else f"{spec.name} / {spec.pretrained}"
+    if spec.name.startswith("hf-hub:"):
+        fix = (
+            "download that Hugging Face repo (open_clip_config.json and the weights) on a connected machine and pass "
+            "--backbone local-dir:/path/to/that/folder"
+        )
+    else:
+        cfg = open_clip.get_pretrained_cfg(spec.name, str(spec.pretrained)) or {}
+        hub = cfg.get("hf_hub", "").rstrip("/")
+        where = f"Hugging Face repo {hub}" if hub else cfg.get("url", "from its source")
+        fix = (
+            f"download the checkpoint ({where}) on a connected machine and pass --pretrained /path/to/file, or copy "
+            "a filled ~/.cache/huggingface/hub here; --pretrained none gives random weights"
+        )
+    return f"the weights of {what} are not cached and the network is unreachable ({reason}); {fix}"
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

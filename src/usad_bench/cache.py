@@ -6,9 +6,10 @@ epochs, shots, seeds and methods. An entry is one safetensors file per (feature 
     <root>/<key[:16]>/<image_sha[:2]>/<image_sha>.safetensors
 
 The *feature key* hashes everything that changes the features: backbone name, weights identity
-(tag, checkpoint content hash, or random seed), input size, normalisation, layers, variant, and
-the versions of usad_bench, open_clip and torch. The *image sha* hashes the image file's bytes,
-so an edited image is a new entry even under the same path.
+(tag, checkpoint content hash, or random seed), input size, normalisation, MLP activation, layers,
+image variant, the encoder variant (``feature_kinds``: raw tokens, AnomalyCLIP's DPAM path, WinCLIP's
+windows) with its parameters, and the versions of usad_bench, open_clip and torch. The *image sha*
+hashes the image file's bytes, so an edited image is a new entry even under the same path.
 
 Each file carries its key, image sha and a digest of its tensor bytes in the safetensors metadata.
 An entry that cannot be read, belongs to another key, or fails its digest is reported, deleted and
@@ -33,11 +34,16 @@ from usad_bench.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-FORMAT = "1"
+# Enters every key. "2": images.py decodes 16-bit, palette and alpha images anew; older entries must not be served.
+FORMAT = "2"
 
 
-def feature_key(backbone_description: dict, layers: tuple[int, ...], variant: str) -> str:
-    """A hex digest naming one feature configuration (see module docstring)."""
+def feature_key(backbone_description: dict, layers: tuple[int, ...], variant: str, kind: dict | None = None) -> str:
+    """A hex digest naming one feature configuration (see module docstring).
+
+    ``kind`` is the encoder variant and its parameters (``FeatureRequest.key_fields``); plain raw tokens
+    pass none, so their keys do not depend on the variants that exist.
+    """
     payload = {
         "backbone": backbone_description,
         "layers": list(layers),
@@ -45,6 +51,8 @@ def feature_key(backbone_description: dict, layers: tuple[int, ...], variant: st
         "usad_bench": usad_bench.__version__,
         "format": FORMAT,
     }
+    if kind:
+        payload["kind"] = kind
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,7 @@ from usad_bench.cache import FeatureCache, feature_key, file_digest
 from usad_bench.data.images import require_image
 from usad_bench.data.manifest import Sample
 from usad_bench.data.preprocess import Preprocess, check_variant
+from usad_bench.feature_kinds import FeatureRequest
 
 PATCH_DTYPE = torch.float16  # patch tokens are the bulk of the cache; half precision halves it
 
@@ -31,37 +32,51 @@ class FeatureTable:
     cls: torch.Tensor  # (N, D) float32
     patches: torch.Tensor | None  # (N, L, P, W) float16, or None when no layers were requested
     layers: tuple[int, ...]
+    kind: str = "raw"  # feature kind (usad_bench.feature_kinds)
+    windows: dict[int, torch.Tensor] = field(default_factory=dict)  # windows kind: side -> (N, n_windows, D) fp16
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def batch(self, index: torch.Tensor | slice) -> ImageFeatures:
         patches = self.patches[index].float() if self.patches is not None else None
-        return ImageFeatures(cls=self.cls[index], patches=patches, layers=self.layers)
+        windows = {side: w[index].float() for side, w in self.windows.items()}
+        return ImageFeatures(cls=self.cls[index], patches=patches, layers=self.layers, kind=self.kind, windows=windows)
 
 
 class FeatureExtractor:
-    """Compute-or-load frozen features of chosen layers for samples."""
+    """Compute-or-load frozen features for samples: raw tokens of chosen layers, or an encoder variant.
+
+    ``layers`` is a :class:`FeatureRequest` (``Method.feature_request()``) or, as before, a tuple of
+    1-indexed layers for raw tokens. A request this backbone cannot serve fails here, before any image.
+    """
 
     def __init__(
         self,
         backbone: Backbone,
         cache: FeatureCache,
-        layers: tuple[int, ...] = (),
+        layers: FeatureRequest | tuple[int, ...] = (),
         batch_size: int = 32,
         workers: int = 4,
     ):
+        self.request = layers if isinstance(layers, FeatureRequest) else FeatureRequest(layers=tuple(layers))
+        backbone.check_request(self.request)
         self.backbone = backbone
         self.cache = cache
-        self.layers = tuple(layers)
         self.batch_size = batch_size
         self.workers = workers
         mean, std = backbone.mean_std
+        if self.request.unnormalised:  # MVFA feeds [0, 1] pixels (its loaders only Resize + ToTensor)
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         self.preprocess = Preprocess(backbone.image_size, mean, std)
         self._description = backbone.describe()
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.request.layers
+
     def key(self, variant: str) -> str:
-        return feature_key(self._description, self.layers, variant)
+        return feature_key(self._description, self.layers, variant, self.request.key_fields())
 
     def iter_batches(
         self, samples: Sequence[Sample], variant: str = "orig"
@@ -74,16 +89,16 @@ class FeatureExtractor:
                 yield chunk, self._chunk_features(chunk, key, variant, pool)
 
     def extract(self, samples: Sequence[Sample], variant: str = "orig") -> FeatureTable:
-        cls, patches = [], []
-        for _, feats in self.iter_batches(samples, variant):
-            cls.append(feats.cls)
-            if feats.patches is not None:
-                patches.append(feats.patches.to(PATCH_DTYPE))
+        batches = [feats for _, feats in self.iter_batches(samples, variant)]
+        patches = [f.patches.to(PATCH_DTYPE) for f in batches if f.patches is not None]
+        sides = batches[0].windows if batches else {}
         return FeatureTable(
             ids=[s.id for s in samples],
-            cls=torch.cat(cls).float(),
+            cls=torch.cat([f.cls for f in batches]).float(),
             patches=torch.cat(patches) if patches else None,
-            layers=self.layers,
+            layers=batches[0].layers if batches else self.layers,
+            kind=self.request.kind,
+            windows={side: torch.cat([f.windows[side].to(PATCH_DTYPE) for f in batches]) for side in sides},
         )
 
     def _chunk_features(self, chunk: list[Sample], key: str, variant: str, pool) -> ImageFeatures:
@@ -92,13 +107,25 @@ class FeatureExtractor:
         missing = [i for i, entry in enumerate(entries) if entry is None]
         if missing:
             images = list(pool.map(lambda i: self.preprocess.load(chunk[i], variant), missing))
-            computed = self.backbone.encode_images(torch.stack(images), self.layers)
+            computed = self.backbone.encode_features(torch.stack(images), self.request)
             for row, i in enumerate(missing):
                 entry = {"cls": computed.cls[row].float().cpu()}
                 if computed.patches is not None:
                     entry["patches"] = computed.patches[row].to(PATCH_DTYPE).cpu()
+                for side, windows in computed.windows.items():
+                    entry[f"windows_{side}"] = windows[row].to(PATCH_DTYPE).cpu()
                 self.cache.store(key, shas[i], entry)
                 entries[i] = entry
+        return self._stack(entries)
+
+    def _stack(self, entries: list[dict[str, torch.Tensor]]) -> ImageFeatures:
+        """One batch of ImageFeatures from cache entries (the same whether computed now or loaded)."""
         cls = torch.stack([e["cls"] for e in entries])
-        patches = torch.stack([e["patches"] for e in entries]).float() if self.layers else None
-        return ImageFeatures(cls=cls, patches=patches, layers=self.layers)
+        patches = torch.stack([e["patches"] for e in entries]).float() if "patches" in entries[0] else None
+        windows = {
+            int(name.removeprefix("windows_")): torch.stack([e[name] for e in entries]).float()
+            for name in sorted(entries[0])
+            if name.startswith("windows_")
+        }
+        layers = (self.backbone.num_layers,) if windows else self.layers  # windows: the final block's tokens
+        return ImageFeatures(cls=cls, patches=patches, layers=layers, kind=self.request.kind, windows=windows)

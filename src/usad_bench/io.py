@@ -9,12 +9,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from usad_bench.errors import UsadError
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there (the swap still protects finished runs)
+    fcntl = None
 
 
 def _current_umask() -> int:
@@ -52,10 +60,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def save_png(image, path: str | os.PathLike) -> None:
-    """Save a PIL image as PNG atomically."""
+def save_png(image, path: str | os.PathLike, comment: str | None = None) -> None:
+    """Save a PIL image as PNG atomically; ``comment`` goes into a PNG text chunk (``Comment``)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if comment:
+        info.add_text("Comment", comment)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -83,3 +96,52 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------- exclusive locks
+def lock_path_for(target: str | os.PathLike) -> Path:
+    """The lock of a folder is a hidden sibling (``runs/.my_run.lock``): a fit swaps the folder itself."""
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``lock_file`` exclusively, or raise a one-line UsadError naming the holder's pid.
+
+    ``flock`` is released by the kernel when its holder dies, however it dies, so a lock file left
+    by a killed process is simply taken over. The file records ``pid N on HOST`` for the message.
+    """
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsadError(
+                f"{what} is in use by another usad-bench process ({holder}); wait for it to finish or stop it, "
+                "then run this command again"
+            ) from None
+        if _still_linked(fd, lock_file):  # not unlinked by a releasing holder between our open and flock
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        lock_file.unlink(missing_ok=True)  # while still holding it, so no one can lock the unlinked file
+        os.close(fd)
+
+
+def _still_linked(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), path.stat())
+    except FileNotFoundError:
+        return False

@@ -6,8 +6,10 @@ per image: a per-image min-max stretch would paint every normal image as if it h
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 # Anchor colours of a perceptually ordered map (dark blue -> cyan -> yellow -> red).
 _ANCHORS = np.array(
@@ -56,12 +58,34 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def side_by_side(panels: list[Image.Image], height: int = 256) -> Image.Image:
-    """Panels scaled to one height and placed left to right (qualitative figures)."""
+def side_by_side(panels: list[Image.Image], height: int = 256, caption: str | None = None) -> Image.Image:
+    """Panels scaled to one height and placed left to right (qualitative figures); ``caption`` burnt in below."""
     scaled = [p.resize((max(1, round(p.width * height / p.height)), height)) for p in panels]
     canvas = Image.new("RGB", (sum(p.width for p in scaled) + 4 * (len(scaled) - 1), height), "black")
     x = 0
     for p in scaled:
         canvas.paste(p, (x, 0))
         x += p.width + 4
+    return label_image(canvas, caption)
+
+
+def label_image(image: Image.Image, text: str | None) -> Image.Image:
+    """``image`` with ``text`` burnt into a black band below it (kept when the PNG is copied anywhere).
+
+    Used for the random/synthetic-weights warning: the band is added, not painted over the scan,
+    so no pixel of the overlay is hidden. ``text=None`` returns the image unchanged.
+    """
+    if not text:
+        return image
+    base = image.convert("RGB")
+    size = max(10, min(16, base.width // 16))  # readable on a 128 px thumbnail and on a 1000 px scan
+    font = ImageFont.load_default(size=size)
+    chars_per_line = max(8, int(base.width / (0.6 * size)))
+    lines = textwrap.wrap(text, width=chars_per_line)
+    band = (len(lines) * (size + 3)) + 6
+    canvas = Image.new("RGB", (base.width, base.height + band), "black")
+    canvas.paste(base, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((3, base.height + 3 + i * (size + 3)), line, fill=(255, 220, 0), font=font)
     return canvas

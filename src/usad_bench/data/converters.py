@@ -7,7 +7,8 @@ is read, and why, is in ``docs/data.md``.
 
 Every image is decoded once here, so a corrupt file is reported now, with its path, and not hours
 later inside a training loop. Anything the release itself gets inconsistent (a mask colour that
-disagrees with the label, an abnormal image without a mask) is counted and logged as a warning.
+disagrees with the label, an abnormal image without a mask) is counted and logged as one warning
+line per kind (:class:`Checks`); masks of the wrong size are all collected into one error.
 """
 
 from __future__ import annotations
@@ -19,37 +20,73 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from usad_bench.data.images import IMAGE_SUFFIXES, binarise_mask, list_images, open_image
+from usad_bench.data.images import MaskRule, list_images, mask_owner, open_image, read_mask
 from usad_bench.data.manifest import CLASS_ORDER, NORMAL, Sample, write_manifest
 from usad_bench.errors import UsadError
 from usad_bench.io import atomic_path
 
+if TYPE_CHECKING:  # folder.py imports this module's helpers
+    from usad_bench.data.folder import FolderOptions
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.csv"
-# "<stem>_mask.png", "<stem>_mask_1.png", ...: BUSI's convention, also accepted in the folder layout.
-_MASK_NAME = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
+# "<stem>_mask.png", "<stem>_mask_1.png", ...: BUSI's convention.
+BUSI_MASK_SUFFIXES = ("_mask",)
 # BUS-UCLM images whose masks were saved at another size (the release's own quirk, see docs/data.md).
 UCLM_RESIZED_PREFIXES = ("HESN_",)
 # The HESN masks' aspect ratio differs from their images' by up to ~20%; beyond 30% the mask is
 # more likely another image's than a rescaled one, so it is an error rather than a resize.
 UCLM_ASPECT_TOLERANCE = 0.30
+UCLM_SIZE_FIX = (
+    "only the HESN_* masks are known to differ (same field of view at another scale): "
+    "replace these masks with ones of their images' size"
+)
 
-Issues = dict[str, list[str]]
+
+@dataclass
+class Checks:
+    """What a conversion found wrong: warnings (counted, not fatal) and size mismatches (one error at the end)."""
+
+    dataset: str
+    issues: dict[str, list[str]] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+    fix: str = "resize each mask to its image (nearest neighbour) or fix the pairing"
+
+    def warn(self, what: str, name: str) -> None:
+        self.issues.setdefault(what, []).append(name)
+
+    def mismatch(self, mask: Path, mask_size: tuple[int, int], image: Path, size: tuple[int, int]) -> None:
+        self.mismatches.append(
+            f"{mask} is {mask_size[0]}x{mask_size[1]} but its image {image.name} is {size[0]}x{size[1]}"
+        )
+
+    def finish(self) -> None:
+        """Log one warning line per kind; raise one error naming every mask of the wrong size."""
+        for what, names in self.issues.items():
+            log.warning("%s: %d %s (%s)", self.dataset, len(names), what, _examples(names))
+        if self.mismatches:
+            raise UsadError(
+                f"{self.dataset}: {len(self.mismatches)} mask(s) differ in size from their images "
+                f"({_examples(self.mismatches)}); {self.fix}"
+            )
 
 
-def prepare(kind: str, src: str | os.PathLike, out: str | os.PathLike) -> Path:
+def prepare(kind: str, src: str | os.PathLike, out: str | os.PathLike, options: FolderOptions | None = None) -> Path:
     """Convert the release (or class-folder tree) at ``src`` and write ``out/manifest.csv``.
 
     Args:
         kind: one of ``busi``, ``bus_uclm``, ``bus_bra``, ``folder``.
         src: the release's own folder or the folder containing it.
         out: output folder; created if needed.
+        options: ``folder.FolderOptions`` for the ``folder`` kind (None = defaults); the releases take none.
 
     Returns:
         The manifest's path.
@@ -59,7 +96,16 @@ def prepare(kind: str, src: str | os.PathLike, out: str | os.PathLike) -> Path:
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise UsadError(f"source folder not found: {src}; pass the folder the {kind} data was unpacked into")
-    samples = CONVERTERS[kind](src, out)
+    if options is not None and kind != "folder":
+        raise UsadError(
+            f"the folder options (--normal, --mask-suffix, --groups ...) apply to `folder` only, not {kind}"
+        )
+    if kind == "folder":
+        from usad_bench.data.folder import FolderOptions, folder
+
+        samples = folder(src, out, options or FolderOptions())
+    else:
+        samples = CONVERTERS[kind](src, out)
     if not samples:
         raise UsadError(f"no images found under {src}; check that it holds the {kind} data")
     return write_manifest(samples, out / MANIFEST_NAME)
@@ -69,49 +115,56 @@ def prepare(kind: str, src: str | os.PathLike, out: str | os.PathLike) -> Path:
 def busi(src: Path, out: Path) -> list[Sample]:
     """BUSI: ``Dataset_BUSI_with_GT/<class>/<class> (i).png`` with one mask file per lesion."""
     root = _find_root(src, "Dataset_BUSI_with_GT", CLASS_ORDER, "BUSI")
-    issues: Issues = {}
+    checks = Checks("busi")
     samples: list[Sample] = []
     for label in CLASS_ORDER:
-        samples += _busi_class(root / label, label, issues)
-    _report("busi", issues)
+        samples += _busi_class(root / label, label, checks)
+    checks.finish()
     return samples
 
 
-def _busi_class(folder: Path, label: str, issues: Issues) -> list[Sample]:
-    images, masks = _split_masks(list_images(folder))
-    for stem in sorted(set(masks) - {p.stem for p in images}):
-        issues.setdefault("mask files without an image (ignored)", []).append(f"{folder.name}/{stem}")
+def _busi_class(folder: Path, label: str, checks: Checks) -> list[Sample]:
+    images, masks, orphans = split_masks(list_images(folder), BUSI_MASK_SUFFIXES)
+    for path in orphans:
+        checks.warn("mask files without an image (ignored)", f"{folder.name}/{path.name}")
     samples = []
     for path in images:
         size = open_image(path).size
         mask_paths = masks.get(path.stem, [])
-        lit = [bool(_read_mask(m, size, path).any()) for m in mask_paths]
+        lit = [bool(_read_mask(m, size, path, checks).any()) for m in mask_paths]
         if label == NORMAL:
             # Normal images are pixel ground truth (all background) without a file; their release
             # masks are only checked to be empty (see preprocess.has_pixel_truth).
             if any(lit):
-                issues.setdefault("normal images whose mask is not empty (mask ignored)", []).append(path.stem)
+                checks.warn("normal images whose mask is not empty (mask ignored)", path.stem)
             mask_paths = []
         elif not any(lit):
-            issues.setdefault("abnormal images without a lesion mask", []).append(path.stem)
+            checks.warn("abnormal images without a lesion mask", path.stem)
             mask_paths = []
         sid = f"busi/{path.stem}"
         samples.append(Sample(sid, path, tuple(mask_paths), label, label != NORMAL, sid, "busi", "busi"))
     return samples
 
 
-def _split_masks(files: Sequence[Path]) -> tuple[list[Path], dict[str, list[Path]]]:
-    """Images (naturally sorted) and their ``<stem>_mask*.png`` files, keyed by the image stem."""
-    images, masks = [], {}
-    for path in files:
-        match = _MASK_NAME.match(path.stem)
-        if match:
-            masks.setdefault(match["stem"], []).append(path)
-        else:
-            images.append(path)
+def split_masks(files: Sequence[Path], suffixes: Sequence[str]) -> tuple[list[Path], dict[str, list[Path]], list[Path]]:
+    """Images (naturally sorted), their ``<stem><suffix>[_<i>]`` mask files keyed by image stem, and orphans.
+
+    A file whose name ends in a mask suffix is never an image: when no image of that stem is
+    beside it, it is an orphan (reported by the caller), not a new image.
+    """
+    owners = {path: mask_owner(path.stem, suffixes) for path in files}
+    images = [p for p, owner in owners.items() if owner is None]
+    stems = {p.stem for p in images}
+    masks: dict[str, list[Path]] = {}
+    orphans = []
+    for path, owner in owners.items():
+        if owner is not None and owner in stems:
+            masks.setdefault(owner, []).append(path)
+        elif owner is not None:
+            orphans.append(path)
     for paths in masks.values():
         paths.sort(key=lambda p: _natural_key(p.name))
-    return sorted(images, key=lambda p: _natural_key(p.name)), masks
+    return sorted(images, key=lambda p: _natural_key(p.name)), masks, orphans
 
 
 # ----------------------------------------------------------------------------- BUS-UCLM
@@ -119,43 +172,43 @@ def bus_uclm(src: Path, out: Path) -> list[Sample]:
     """BUS-UCLM: ``INFO.csv`` labels, patients from file-name prefixes, RGB masks made binary."""
     root = _find_root(src, "BUS-UCLM", ("INFO.csv", "images", "masks"), "BUS-UCLM")
     rows = _read_csv(root / "INFO.csv", ("Image", "Label"))
-    issues: Issues = {}
+    checks = Checks("bus_uclm", fix=UCLM_SIZE_FIX)
     samples = []
     for line, row in enumerate(rows, start=2):
         name = row["Image"].strip()
         label = _class_label(row["Label"], root / "INFO.csv", line)
         image = root / "images" / name
-        mask = _uclm_mask(root, name, label, _listed_image_size(image, root / "INFO.csv"), out, issues)
+        mask = _uclm_mask(root, name, label, _listed_image_size(image, root / "INFO.csv"), out, checks)
         stem = Path(name).stem
         sid = f"bus_uclm/{stem}"
         group = f"bus_uclm:{stem.split('_')[0]}"
         samples.append(Sample(sid, image, mask, label, label != NORMAL, group, "bus_uclm", "bus_uclm"))
     listed = {row["Image"].strip() for row in rows}
     unlisted = [p.name for p in list_images(root / "images") if p.name not in listed]
-    if unlisted:
-        issues["images not listed in INFO.csv (ignored)"] = unlisted
-    _report("bus_uclm", issues)
+    for name in unlisted:
+        checks.warn("images not listed in INFO.csv (ignored)", name)
+    checks.finish()
     return samples
 
 
-def _uclm_mask(root: Path, name: str, label: str, size: tuple[int, int], out: Path, issues: Issues) -> tuple[Path, ...]:
+def _uclm_mask(root: Path, name: str, label: str, size: tuple[int, int], out: Path, checks: Checks) -> tuple[Path, ...]:
     """Check one colour-coded mask against the label; write its binary version for abnormal images."""
     path = root / "masks" / name
     if not path.is_file():
         if label != NORMAL:
-            issues.setdefault("abnormal images without a mask", []).append(name)
+            checks.warn("abnormal images without a mask", name)
         return ()
     rgb = np.asarray(open_image(path).convert("RGB"))
     red, green = (rgb[..., 0] > 127), (rgb[..., 1] > 127)
     # green = benign lesion, red = malignant, black = none.
     expected = {NORMAL: (False, False), "benign": (False, True), "malignant": (True, False)}[label]
     if (bool(red.any()), bool(green.any())) != expected:
-        issues.setdefault("masks whose colour disagrees with the INFO.csv label", []).append(name)
-    lesion = _fit_uclm_mask(red | green, path, size)
-    if label == NORMAL:
-        return ()  # all background by definition, like every normal image (see busi)
+        checks.warn("masks whose colour disagrees with the INFO.csv label", name)
+    lesion = _fit_uclm_mask(red | green, path, size, checks)
+    if label == NORMAL or lesion is None:
+        return ()  # normal: all background by definition, like every normal image (see busi)
     if not lesion.any():
-        issues.setdefault("abnormal images with an empty mask", []).append(name)
+        checks.warn("abnormal images with an empty mask", name)
         return ()
     target = out / "masks" / f"{Path(name).stem}.png"
     with atomic_path(target) as tmp:
@@ -163,18 +216,20 @@ def _uclm_mask(root: Path, name: str, label: str, size: tuple[int, int], out: Pa
     return (target,)
 
 
-def _fit_uclm_mask(lesion: np.ndarray, path: Path, size: tuple[int, int]) -> np.ndarray:
-    """The mask at the image's size: the HESN_* masks cover the same field of view at another scale."""
+def _fit_uclm_mask(lesion: np.ndarray, path: Path, size: tuple[int, int], checks: Checks) -> np.ndarray | None:
+    """The mask at the image's size: the HESN_* masks cover the same field of view at another scale.
+
+    Any other size mismatch is collected in ``checks`` (None returned): only the HESN_* masks are
+    known to differ, so replacing the mask with one of the image's size is the fix.
+    """
     width, height = size
     mask_h, mask_w = lesion.shape
     if (mask_w, mask_h) == (width, height):
         return lesion
     aspect_gap = abs(math.log((width / height) / (mask_w / mask_h)))
     if not path.stem.startswith(UCLM_RESIZED_PREFIXES) or aspect_gap > math.log1p(UCLM_ASPECT_TOLERANCE):
-        raise UsadError(
-            f"mask {path} is {mask_w}x{mask_h} but its image is {width}x{height}; only the HESN_* masks are "
-            "known to differ (same field of view at another scale): replace this mask with one of the image's size"
-        )
+        checks.mismatch(path, (mask_w, mask_h), path.parent.parent / "images" / path.name, (width, height))
+        return None
     resized = Image.fromarray(lesion.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
     log.info("resized mask %s from %dx%d to its image's %dx%d", path.name, mask_w, mask_h, width, height)
     return np.asarray(resized) > 127
@@ -186,7 +241,7 @@ def bus_bra(src: Path, out: Path) -> list[Sample]:
     root = _find_root(src, "BUSBRA", ("bus_data.csv", "Images"), "BUS-BRA")
     csv_path = root / "bus_data.csv"
     rows = _read_csv(csv_path, ("ID", "Case", "Pathology", "Device"))
-    issues: Issues = {}
+    checks = Checks("bus_bra")
     samples = []
     for line, row in enumerate(rows, start=2):
         name = row["ID"].strip()
@@ -195,57 +250,15 @@ def bus_bra(src: Path, out: Path) -> list[Sample]:
         size = _listed_image_size(image, csv_path)
         mask = root / "Masks" / f"mask_{name.removeprefix('bus_')}.png"
         masks: tuple[Path, ...] = ()
-        if mask.is_file() and _read_mask(mask, size, image).any():
+        if mask.is_file() and _read_mask(mask, size, image, checks).any():
             masks = (mask,)
         elif label != NORMAL:
-            issues.setdefault("abnormal images without a lesion mask", []).append(name)
+            checks.warn("abnormal images without a lesion mask", name)
         sid = f"bus_bra/{name}"
         group, domain = f"bus_bra:{row['Case'].strip()}", f"bus_bra:{row['Device'].strip()}"
         samples.append(Sample(sid, image, masks, label, label != NORMAL, group, domain, "bus_bra"))
-    _report("bus_bra", issues)
+    checks.finish()
     return samples
-
-
-# ----------------------------------------------------------------------------- class folders
-def folder(src: Path, out: Path) -> list[Sample]:
-    """``<root>/<class>/<image>`` with optional ``<root>/masks/<class>/<stem>.png`` or ``<stem>_mask.png``."""
-    class_dirs = sorted(d for d in src.iterdir() if d.is_dir() and d.name != "masks" and not d.name.startswith("."))
-    if not class_dirs:
-        raise UsadError(
-            f"no class folders in {src}; expected {src}/<class>/<images>, e.g. normal/, benign/, malignant/"
-        )
-    dataset = src.resolve().name
-    samples: list[Sample] = []
-    seen: dict[str, Path] = {}
-    for class_dir in class_dirs:
-        images, beside = _split_masks(list_images(class_dir))
-        if not images:
-            raise UsadError(
-                f"class folder {class_dir} has no images ({', '.join(IMAGE_SUFFIXES)}); add images or remove it"
-            )
-        label = class_dir.name.strip().lower()
-        for path in images:
-            if path.stem in seen:
-                raise UsadError(
-                    f"{path} and {seen[path.stem]} have the same stem; ids are <dataset>/<stem>: rename one of them"
-                )
-            seen[path.stem] = path
-            size = open_image(path).size
-            masks = beside.get(path.stem, []) + _masks_in_tree(src / "masks" / class_dir.name, path.stem)
-            for mask in masks:
-                _read_mask(mask, size, path)
-            sid = f"{dataset}/{path.stem}"
-            samples.append(Sample(sid, path, tuple(masks), label, label != NORMAL, sid, dataset, dataset))
-    return samples
-
-
-def _masks_in_tree(mask_dir: Path, stem: str) -> list[Path]:
-    """``masks/<class>/<stem>.<ext>`` when present (any image suffix, .png first)."""
-    for suffix in IMAGE_SUFFIXES:
-        path = mask_dir / f"{stem}{suffix}"
-        if path.is_file():
-            return [path]
-    return []
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -296,15 +309,15 @@ def _listed_image_size(path: Path, table: Path) -> tuple[int, int]:
     return open_image(path).size
 
 
-def _read_mask(path: Path, size: tuple[int, int], image: Path) -> np.ndarray:
-    """A binary mask that must have its image's size."""
-    mask = open_image(path)
-    if mask.size != size:
-        raise UsadError(
-            f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image} is {size[0]}x{size[1]}; "
-            "resize the mask to the image (nearest neighbour) or fix the pairing"
-        )
-    return binarise_mask(mask)
+def _read_mask(
+    path: Path, size: tuple[int, int], image: Path, checks: Checks, rule: MaskRule | None = None
+) -> np.ndarray:
+    """A boolean lesion mask at its image's size; a mask of another size is noted in ``checks`` (empty returned)."""
+    mask = read_mask(path, rule)
+    if mask.shape != (size[1], size[0]):
+        checks.mismatch(path, (mask.shape[1], mask.shape[0]), image, size)
+        return np.zeros((size[1], size[0]), dtype=bool)
+    return mask
 
 
 def _natural_key(name: str) -> list:
@@ -312,16 +325,13 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _report(dataset: str, issues: Issues) -> None:
-    """One warning line per kind of inconsistency in the release: counted, not fatal."""
-    for what, names in issues.items():
-        examples = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        log.warning("%s: %d %s (%s)", dataset, len(names), what, examples)
+def _examples(names: Sequence[str], n: int = 3) -> str:
+    return ", ".join(str(x) for x in names[:n]) + (", ..." if len(names) > n else "")
 
 
-CONVERTERS: dict[str, Callable[[Path, Path], list[Sample]]] = {
+CONVERTERS: dict[str, Callable[[Path, Path], list[Sample]] | None] = {
     "busi": busi,
     "bus_uclm": bus_uclm,
     "bus_bra": bus_bra,
-    "folder": folder,
+    "folder": None,  # takes options: data/folder.py
 }

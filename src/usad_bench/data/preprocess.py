@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from usad_bench.data.images import image_size as image_size_of
-from usad_bench.data.images import load_mask, load_rgb
+from usad_bench.data.images import load_mask, load_rgb, to_rgb8
 from usad_bench.data.manifest import Sample
 from usad_bench.errors import UsadError
 
@@ -39,7 +39,7 @@ class Preprocess:
 
     def __call__(self, image: Image.Image, variant: str = "orig") -> torch.Tensor:
         check_variant(variant)
-        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+        image = to_rgb8(image).resize((self.image_size, self.image_size), Image.BICUBIC)  # any mode, as load_rgb
         if variant == "hflip":
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)

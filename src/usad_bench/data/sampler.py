@@ -15,15 +15,17 @@ Python version and ``PYTHONHASHSEED``, and a class's support does not depend on 
 classes were requested.
 
 The held-out (in-domain test) set is every manifest row whose patient has no image in the
-support set, of every class, in manifest order.
+support set, of every class, in manifest order. The split also records the sha256 of each support
+image's file, so evaluation can drop test rows that are the same image under another name or id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from usad_bench.data.manifest import Manifest, Sample, order_classes
@@ -43,9 +45,10 @@ class Split:
     support_ids: list[str]  # grouped by class in `classes` order, each class in draw order
     support_groups: list[str]  # sorted distinct groups used by the support set
     heldout_ids: list[str]  # manifest rows whose group is NOT in support_groups (in-domain test set)
+    support_sha256: dict[str, str] = field(default_factory=dict)  # support id -> image file sha256 (optional)
 
     def to_json(self) -> dict:
-        return {name: getattr(self, name) for name in SPLIT_FIELDS}
+        return {**{name: getattr(self, name) for name in SPLIT_FIELDS}, "support_sha256": self.support_sha256}
 
     @classmethod
     def from_json(cls, d: dict) -> Split:
@@ -63,6 +66,7 @@ class Split:
             support_ids=[str(i) for i in d["support_ids"]],
             support_groups=[str(g) for g in d["support_groups"]],
             heldout_ids=[str(i) for i in d["heldout_ids"]],
+            support_sha256={str(k): str(v) for k, v in (d.get("support_sha256") or {}).items()},  # may be absent
         )
 
 
@@ -98,7 +102,13 @@ def sample_support(manifest: Manifest, shots: int, seed: int, classes: Sequence[
     groups = sorted({index[i].group for i in support_ids})
     used = set(groups)
     heldout = [s.id for s in manifest if s.group not in used]
-    return Split(shots, seed, wanted, support_ids, groups, heldout)
+    digests = {i: image_sha256(index[i].image) for i in support_ids if Path(index[i].image).is_file()}
+    return Split(shots, seed, wanted, support_ids, groups, heldout, digests)
+
+
+def image_sha256(path: Path) -> str:
+    """sha256 of an image file's bytes (the feature cache's image key, so the two always agree)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _check_enough(by_class: dict[str, list[Sample]], shots: int, manifest: Manifest) -> None:

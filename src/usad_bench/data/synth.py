@@ -15,12 +15,13 @@ meaningful and the lesions look like lesions rather than drawn shapes:
 * **Depth attenuation**, scanner gain, then **log compression** to a display dynamic range and a
   little additive electronic noise.
 
-Lesions follow the BI-RADS descriptors that separate the classes:
-
-* benign (fibroadenoma-like): oval, smooth circumscribed margin, wider-than-tall (parallel to the
-  skin), homogeneous, often slight posterior enhancement (brighter below);
-* malignant (carcinoma-like): irregular, spiculated margin, taller-than-wide (not parallel),
-  heterogeneous, a faint echogenic halo, posterior acoustic shadowing (a dark band below).
+Lesions are rendered from BI-RADS descriptors (shape, orientation, margin, echo pattern,
+posterior features, halo) drawn per patient from class-conditional priors
+(:data:`ATTRIBUTE_PRIORS`): benign (fibroadenoma-like) lesions are mostly oval, parallel,
+circumscribed, with posterior enhancement; malignant (carcinoma-like) ones mostly irregular, not
+parallel, spiculated or indistinct, heterogeneous, with shadowing and an echogenic halo -- but not
+always, as in real series. The descriptors are written to the manifest's ``attributes`` column
+(see :mod:`usad_bench.captions`), from which ``usad-bench pretrain`` builds captions.
 
 The mask is the lesion only (not halo or shadow). A patient's images share anatomy and the lesion's
 shape (two views of one lesion); speckle and the view (position, scale, tilt) change per image.
@@ -28,7 +29,9 @@ shape (two views of one lesion); speckle and the view (position, scale, tilt) ch
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import math
 import zlib
 from collections.abc import Sequence
@@ -39,11 +42,13 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from usad_bench.data.manifest import CLASS_ORDER, NORMAL, Sample, write_manifest
+from usad_bench.captions import LESION_ATTRIBUTES, format_attributes, normal_attributes
+from usad_bench.data.manifest import CLASS_ORDER, COLUMNS, NORMAL, Sample, write_manifest
 from usad_bench.errors import UsadError
-from usad_bench.io import atomic_path
+from usad_bench.io import atomic_path, write_text
 
 DATASET = "synth"
+ATTRIBUTES_COLUMN = "attributes"  # extra manifest column: the lesion's descriptors, see usad_bench.captions
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class _Lesion:
     heterogeneity: float  # internal echo variation
     posterior: float  # > 0 enhancement, < 0 shadowing (fraction of brightness)
     halo: float  # echogenic rim strength
+    blur: float = 1.0  # edge width multiplier: > 1 for an indistinct margin
 
 
 def get_style(style: DomainStyle | str) -> DomainStyle:
@@ -105,26 +111,71 @@ def synthesise(
 
     ``class_fractions`` are the shares of normal, benign and malignant images. Output is
     byte-identical for the same arguments. Anatomy is seeded by (seed, domain name), so source and
-    target synthesised with one seed still hold different patients.
+    target synthesised with one seed still hold different patients. The manifest has an extra
+    ``attributes`` column: each lesion's BI-RADS descriptors (see :mod:`usad_bench.captions`).
 
     Crash safety: an existing ``out/manifest.csv`` is removed first, every PNG is written
     atomically, and the new manifest is written (atomically) last, so a killed run leaves either
     no manifest or one whose files all exist and match it.
     """
     style = get_style(style)
+    return _write_domain(Path(out), n, seed, style.name, lambda rng: style, size, class_fractions, images_per_patient)
+
+
+# Scanner styles of the pretraining corpus. The demo's and the tests' "target" preset lies outside
+# this range in every knob (gain 2.0, grain 7 px, attenuation 1.5, noise 0.05, 38 dB, haze 0.12), so
+# a model pretrained here still crosses a domain gap there; "source" lies inside.
+PRETRAIN_STYLE_RANGE: dict[str, tuple[float, float]] = {
+    "gain": (0.6, 1.5),
+    "speckle": (2.5, 5.5),
+    "attenuation": (0.2, 1.1),
+    "noise": (0.005, 0.035),
+    "dynamic_range": (42.0, 60.0),
+    "haze": (0.0, 0.06),
+}
+
+
+def random_style(rng: np.random.Generator, name: str = "pretrain") -> DomainStyle:
+    """A scanner style drawn uniformly from :data:`PRETRAIN_STYLE_RANGE`."""
+    return DomainStyle(name, **{k: float(rng.uniform(lo, hi)) for k, (lo, hi) in PRETRAIN_STYLE_RANGE.items()})
+
+
+def synthesise_pretraining(
+    out: Path, n: int, seed: int = 0, size: int = 128, images_per_patient: int = 2, name: str = "pretrain"
+) -> Path:
+    """Like :func:`synthesise`, but every image gets its own scanner style from :func:`random_style`.
+
+    This is the captioned corpus ``usad-bench pretrain`` learns from: many scanners, one domain name.
+    """
+    fractions = (1 / 3, 1 / 3, 1 / 3)
+    return _write_domain(Path(out), n, seed, name, random_style, size, fractions, images_per_patient)
+
+
+def _write_domain(
+    out: Path,
+    n: int,
+    seed: int,
+    name: str,
+    style_for,
+    size: int,
+    class_fractions: Sequence[float],
+    images_per_patient: int,
+) -> Path:
+    """Render and write one synthetic domain; ``style_for(rng)`` gives each image's scanner style."""
     _check_args(n, seed, size, class_fractions, images_per_patient)
-    out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "manifest.csv").unlink(missing_ok=True)
-    domain_key = zlib.crc32(style.name.encode("utf-8"))
+    domain_key = zlib.crc32(name.encode("utf-8"))
     plan = _plan(n, class_fractions, images_per_patient, np.random.default_rng([seed, domain_key]))
     width = max(4, len(str(n - 1)))
-    samples = []
+    samples, attributes = [], []
     for index, (label, patient, view) in enumerate(plan):
         anatomy_rng = np.random.default_rng([seed, domain_key, patient, 0])
         view_rng = np.random.default_rng([seed, domain_key, patient, 1, view])
-        image, mask = render_image(label, style, size, anatomy_rng, view_rng)
+        lesion_attributes = draw_attributes(np.random.default_rng([seed, domain_key, patient, 2]), label)
+        style = style_for(np.random.default_rng([seed, domain_key, patient, 3, view]))
+        image, mask = render_image(label, style, size, anatomy_rng, view_rng, lesion_attributes)
         stem = f"{index:0{width}d}"
         image_path = out / "images" / f"{stem}.png"
         _save_png(image, image_path)
@@ -134,31 +185,56 @@ def synthesise(
             _save_png(mask.astype(np.uint8) * 255, masks[0])
         samples.append(
             Sample(
-                id=f"synth-{style.name}/{stem}",
+                id=f"synth-{name}/{stem}",
                 image=image_path,
                 masks=masks,
                 label=label,
                 is_anomaly=label != NORMAL,
-                group=f"synth-{style.name}:p{patient:03d}",
-                domain=style.name,
+                group=f"synth-{name}:p{patient:03d}",
+                domain=name,
                 dataset=DATASET,
             )
         )
-    return write_manifest(samples, out / "manifest.csv")
+        attributes.append(format_attributes(lesion_attributes))
+    return _write_manifest_with_attributes(samples, attributes, out / "manifest.csv")
+
+
+def _write_manifest_with_attributes(samples: list[Sample], attributes: list[str], path: Path) -> Path:
+    """The standard manifest plus an ``attributes`` column, written atomically."""
+    plain = path.with_name(f".{path.name}.plain")
+    write_manifest(samples, plain)  # the standard columns, exactly as every other manifest writes them
+    with open(plain, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    plain.unlink()
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, ATTRIBUTES_COLUMN], lineterminator="\n")
+    writer.writeheader()
+    for row, cell in zip(rows, attributes, strict=True):
+        writer.writerow({**row, ATTRIBUTES_COLUMN: cell})
+    write_text(path, buf.getvalue())
+    return path
 
 
 def render_image(
-    label: str, style: DomainStyle, size: int, anatomy_rng: np.random.Generator, view_rng: np.random.Generator
+    label: str,
+    style: DomainStyle,
+    size: int,
+    anatomy_rng: np.random.Generator,
+    view_rng: np.random.Generator,
+    attributes: dict[str, str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One (size, size) uint8 image and its boolean lesion mask (None for normal images).
 
     ``anatomy_rng`` must be seeded per patient (it draws what two views of a patient share) and
-    ``view_rng`` per image.
+    ``view_rng`` per image. ``attributes`` are the lesion's descriptors (drawn from the class
+    priors with ``anatomy_rng`` when not given).
     """
     if label not in CLASS_ORDER:
         raise UsadError(f"synthetic class must be one of {', '.join(CLASS_ORDER)}, got {label!r}")
     layers = anatomy_rng.uniform(size=6)
-    lesion = None if label == NORMAL else _draw_lesion(anatomy_rng, label, size)
+    lesion = None
+    if label != NORMAL:
+        lesion = _draw_lesion(anatomy_rng, attributes or draw_attributes(anatomy_rng, label), size)
     echo = _tissue(view_rng, size, layers)
     mask = None
     if lesion is not None:
@@ -279,34 +355,82 @@ def _upsampler(size: int, cells: int) -> np.ndarray:
     return weights * 0.5  # std 0.5: clipping at +-1 touches only the tails
 
 
-def _draw_lesion(rng: np.random.Generator, label: str, size: int) -> _Lesion:
-    """Shape and echo properties of one patient's lesion (the class-defining part)."""
+# P(attribute value | class): informative but not deterministic, as in real series (BI-RADS positive
+# predictive values): some fibroadenomas shadow or look irregular, some carcinomas look circumscribed.
+ATTRIBUTE_PRIORS: dict[str, dict[str, dict[str, float]]] = {
+    "benign": {
+        "shape": {"oval": 0.7, "round": 0.18, "irregular": 0.12},
+        "orientation": {"parallel": 0.85, "not_parallel": 0.15},
+        "margin": {"circumscribed": 0.72, "microlobulated": 0.1, "indistinct": 0.12, "spiculated": 0.06},
+        "echo": {"anechoic": 0.3, "hypoechoic": 0.55, "heterogeneous": 0.15},
+        "posterior": {"enhancement": 0.55, "none": 0.3, "shadowing": 0.15},
+        "halo": {"absent": 0.9, "present": 0.1},
+    },
+    "malignant": {
+        "shape": {"oval": 0.15, "round": 0.08, "irregular": 0.77},
+        "orientation": {"parallel": 0.3, "not_parallel": 0.7},
+        "margin": {"circumscribed": 0.12, "microlobulated": 0.2, "indistinct": 0.23, "spiculated": 0.45},
+        "echo": {"anechoic": 0.04, "hypoechoic": 0.4, "heterogeneous": 0.56},
+        "posterior": {"enhancement": 0.08, "none": 0.3, "shadowing": 0.62},
+        "halo": {"absent": 0.45, "present": 0.55},
+    },
+}
+
+
+def draw_attributes(rng: np.random.Generator, label: str) -> dict[str, str]:
+    """The BI-RADS descriptors of one patient's lesion (``diagnosis=normal`` and ``none`` for normal)."""
+    if label == NORMAL:
+        return normal_attributes()
+    priors = ATTRIBUTE_PRIORS["benign" if label == "benign" else "malignant"]
+    drawn = {"diagnosis": label}
+    for key in LESION_ATTRIBUTES:
+        values = list(priors[key])
+        drawn[key] = values[int(rng.choice(len(values), p=np.asarray([priors[key][v] for v in values])))]
+    return drawn
+
+
+def _draw_lesion(rng: np.random.Generator, attributes: dict[str, str], size: int) -> _Lesion:
+    """Geometry and echo properties of one patient's lesion, rendered from its descriptors."""
     long_axis = rng.uniform(0.1, 0.2) * size
-    aspect = rng.uniform(1.35, 2.0) if label == "benign" else rng.uniform(1.25, 1.8)
-    if label == "benign":  # parallel: wider than tall; gently lobulated at most
+    shape = attributes["shape"]
+    aspect = {"round": rng.uniform(1.0, 1.12), "oval": rng.uniform(1.35, 2.0)}.get(shape, rng.uniform(1.2, 1.8))
+    if attributes["orientation"] == "parallel":  # wider than tall
         a, b = long_axis, long_axis / aspect
+    else:
+        a, b = long_axis / aspect, long_axis
+    if shape == "irregular":  # angular, lobulated outline
+        ks = np.arange(3, 9)
+        harmonics = np.stack([ks, rng.uniform(0.04, 0.11, ks.size), rng.uniform(0, 2 * np.pi, ks.size)], axis=1)
+    else:  # gently undulating at most
         ks = rng.choice([2, 3], size=2, replace=False)
         harmonics = np.stack([ks, rng.uniform(0.0, 0.05, 2), rng.uniform(0, 2 * np.pi, 2)], axis=1)
-        spikes = np.zeros((0, 3))
-        darkness, heterogeneity, halo = rng.uniform(0.12, 0.25), 0.05, 0.0
-        posterior = rng.uniform(0.15, 0.45) if rng.uniform() < 0.7 else 0.0
-    else:  # not parallel: taller than wide; angular, spiculated, shadowing
-        a, b = long_axis / aspect, long_axis
-        ks = np.arange(3, 9)
-        harmonics = np.stack([ks, rng.uniform(0.03, 0.1, ks.size), rng.uniform(0, 2 * np.pi, ks.size)], axis=1)
+    margin = attributes["margin"]
+    if margin == "microlobulated":  # many small undulations
+        ks = rng.choice(np.arange(10, 17), size=3, replace=False)
+        harmonics = np.concatenate([harmonics, np.stack([ks, rng.uniform(0.03, 0.05, 3), rng.uniform(0, 6.28, 3)], 1)])
+    spikes = np.zeros((0, 3))
+    if margin == "spiculated":
         n_spikes = int(rng.integers(5, 11))
         spikes = np.stack(
             [rng.uniform(0, 2 * np.pi, n_spikes), rng.uniform(0.05, 0.12, n_spikes), rng.uniform(0.2, 0.55, n_spikes)],
             axis=1,
         )
-        darkness, heterogeneity, halo = rng.uniform(0.15, 0.3), 0.35, rng.uniform(0.15, 0.35)
-        posterior = -rng.uniform(0.5, 0.75)
+    echo = {
+        "anechoic": (rng.uniform(0.04, 0.1), 0.03),
+        "hypoechoic": (rng.uniform(0.12, 0.25), 0.05),
+        "heterogeneous": (rng.uniform(0.15, 0.3), 0.35),
+    }[attributes["echo"]]
+    posterior = {"enhancement": rng.uniform(0.15, 0.45), "none": 0.0, "shadowing": -rng.uniform(0.5, 0.75)}[
+        attributes["posterior"]
+    ]
+    halo = rng.uniform(0.15, 0.35) if attributes["halo"] == "present" else 0.0
+    blur = rng.uniform(2.5, 4.0) if margin == "indistinct" else 1.0
     tilt = rng.uniform(-0.2, 0.2)
     extent = _extent(a, b, harmonics, spikes) * 1.1 + 0.03 * size + 1  # room for _jitter_view
     cx = rng.uniform(extent + 2, size - extent - 2) if size - 2 * extent > 4 else size / 2
     low, high = max(0.2 * size, 0.1 * size + extent), min(0.62 * size, 0.84 * size - extent)
     cy = rng.uniform(low, high) if high > low else (low + high) / 2
-    return _Lesion(cx, cy, a, b, tilt, harmonics, spikes, darkness, heterogeneity, posterior, halo)
+    return _Lesion(cx, cy, a, b, tilt, harmonics, spikes, echo[0], echo[1], posterior, halo, blur)
 
 
 def _jitter_view(rng: np.random.Generator, lesion: _Lesion, size: int) -> _Lesion:
@@ -343,7 +467,7 @@ def _lesion_maps(lesion: _Lesion, size: int) -> tuple[np.ndarray, np.ndarray, np
         gap = np.abs((theta - angle + np.pi) % (2 * np.pi) - np.pi)  # angular distance in [0, pi]
         radius += length * np.clip(1.0 - gap / half_width, 0.0, None)  # triangular: a sharp spicule
     # Edge width in units of the normalised radius: about one pixel for either shape.
-    edge = 1.0 / min(lesion.a, lesion.b)
+    edge = lesion.blur / min(lesion.a, lesion.b)
     inside[rows, cols] = 1.0 / (1.0 + np.exp(np.clip((rho - radius) / (0.5 * edge), -30, 30)))
     rim[rows, cols] = np.exp(-(((rho - radius - 2.5 * edge) / (1.5 * edge)) ** 2)) * (rho > radius)
     return inside, rim, inside > 0.5

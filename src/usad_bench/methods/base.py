@@ -3,10 +3,11 @@
 A method is a :class:`Method` (a LightningModule) built from a config dataclass, the frozen
 :class:`~usad_bench.backbone.Backbone` and a :class:`Task`. The runner then
 
-1. extracts the frozen features the method asks for (``feature_layers``, ``train_variants``),
+1. extracts the frozen features the method asks for (``feature_request``, by default raw tokens of
+   ``feature_layers``; ``train_variants``),
 2. calls ``setup_support`` once with the few-shot :class:`SupportSet` (training-free methods
    build their memory here, in buffers, so it is saved with the state dict),
-3. if ``trainable``, runs a Lightning ``Trainer`` over ``support.training_dataset()``, calling
+3. if ``trainable``, runs a Lightning ``Trainer`` over ``support.training_loader(...)``, calling
    the method's ``training_step`` (plain PyTorch inside),
 4. predicts with ``predict_features`` on batches of test features.
 
@@ -20,11 +21,12 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from usad_bench.backbone import Backbone, ImageFeatures
 from usad_bench.data.manifest import NORMAL, Sample
 from usad_bench.errors import UsadError
+from usad_bench.feature_kinds import FeatureRequest
 from usad_bench.features import FeatureTable
 from usad_bench.prompts import PromptSet
 
@@ -123,11 +125,55 @@ class SupportSet:
         return len(self.samples)
 
     def training_dataset(self) -> Dataset:
+        """Every (variant, image) pair, addressable by index; ``training_loader`` decides what an epoch holds."""
         return _SupportItems(self)
+
+    def training_loader(self, batch_size: int, seed: int, drop_last: bool = False) -> DataLoader:
+        """Batches of one epoch: every support *image* once, each in one randomly chosen view.
+
+        The originals draw one freshly augmented view of each image per epoch; here the augmented
+        views are the cached variants, so each image contributes one of them per epoch (seeded, so a
+        run is reproducible). ``drop_last`` follows Dassl (CoOp, CoCoOp): the last partial batch is
+        dropped only when the support set fills at least one batch, so a tiny support set still trains.
+        """
+        sampler = SupportEpochSampler(len(self), len(self.variants), seed)
+        return DataLoader(
+            self.training_dataset(),
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last and len(self) >= batch_size,
+        )
+
+
+def steps_per_epoch(n_images: int, batch_size: int, drop_last: bool) -> int:
+    """Optimiser steps in one epoch of ``SupportSet.training_loader`` (documented per method in baselines/)."""
+    if drop_last and n_images >= batch_size:
+        return n_images // batch_size
+    return -(-n_images // batch_size)
+
+
+class SupportEpochSampler(Sampler[int]):
+    """Indices into ``_SupportItems`` for one epoch: a random order of the N images, each in a random view.
+
+    One generator, seeded once, serves every epoch, so epochs differ from each other and a run with the
+    same seed repeats them exactly.
+    """
+
+    def __init__(self, n_images: int, n_views: int, seed: int):
+        self.n_images, self.n_views = n_images, n_views
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def __iter__(self):
+        order = torch.randperm(self.n_images, generator=self.generator)  # (N,) images
+        views = torch.randint(self.n_views, (self.n_images,), generator=self.generator)  # (N,) one view each
+        return iter((views * self.n_images + order).tolist())  # item index = view * N + image
 
 
 class _SupportItems(Dataset):
-    """Every (variant, image) pair of the support set as one training item."""
+    """Every (variant, image) pair of the support set as one item: index = variant * N + image."""
 
     def __init__(self, support: SupportSet):
         self.support = support
@@ -167,6 +213,12 @@ class Method(L.LightningModule):
     # "per-image" scores each test image on its own. A transductive recipe (e.g. normalising over the
     # whole test set) must name itself here; tables then label the method "(transductive)".
     scoring: ClassVar[str] = "per-image"
+    # Drop an epoch's last partial batch when the support set fills at least one batch (Dassl's
+    # rule, which CoOp and CoCoOp train with); False keeps it (plain PyTorch loaders).
+    drop_last: ClassVar[bool] = False
+    # The MLP activation the authors ran ("gelu", "quick_gelu", "native" = what the weights were trained
+    # with); used when the user sets none (BackboneSpec.activation). None keeps open_clip's choice.
+    activation: ClassVar[str | None] = None
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone, task: Task):
         super().__init__()
@@ -178,6 +230,11 @@ class Method(L.LightningModule):
     def feature_layers(self) -> tuple[int, ...]:
         """1-indexed blocks whose patch tokens the method needs; () for CLS-only methods."""
         return ()
+
+    def feature_request(self) -> FeatureRequest:
+        """What the frozen image encoder must produce (cached per image): raw tokens of ``feature_layers()``
+        unless a method needs an encoder variant (AnomalyCLIP's DPAM path, WinCLIP's windows)."""
+        return FeatureRequest(layers=tuple(self.feature_layers()))
 
     def train_variants(self) -> tuple[str, ...]:
         """Image variants the support set is expanded with during training.

@@ -28,7 +28,7 @@ from usad_bench.methods.registry import register
 class CoCoOpConfig(CoOpConfig):
     epochs: int = 10  # CoCoOp's schedule
     batch_size: int = 1  # CoCoOp's batch size (prompts differ per image; batch 1 is the original's choice)
-    n_ctx: int = 4  # context vectors (ignored when ctx_init is set: its token count is used)
+    n_ctx: int = 4  # context vectors (ignored when ctx_init is set: its word count is used, as CoCoOp)
     ctx_init: str = "a photo of a"  # CoCoOp's initial context words
     meta_reduction: int = 16  # meta-net bottleneck: hidden width = embedding width // this
 

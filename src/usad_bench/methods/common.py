@@ -22,6 +22,21 @@ def class_text_features(backbone: Backbone, prompts: PromptSet, classes: list[st
     return torch.stack([ensemble_embedding(backbone.encode_text(prompts.class_prompts(c))) for c in classes])
 
 
+@torch.no_grad()
+def causal_text_length(backbone: Backbone, embedding: torch.Tensor, tokens: torch.Tensor) -> int:
+    """How many token positions prompts (T, L, Wt) need: up to their last end-of-text token, when that is exact.
+
+    CLIP's text tower is causal and reads its output at the end-of-text token, so the padding after
+    it changes nothing; dropping it makes every text pass several times cheaper (CoOp's 77 positions
+    hold ~10 real tokens). Checked once on the prompts themselves: a tower that is not causal keeps
+    the full length.
+    """
+    length = int(tokens.argmax(dim=-1).max()) + 1  # CLIP's end-of-text token has the largest id
+    full = backbone.encode_text_embeddings(embedding, tokens)
+    short = backbone.encode_text_embeddings(embedding[:, :length], tokens[:, :length])
+    return length if torch.allclose(full, short, atol=1e-4, rtol=1e-3) else tokens.shape[1]
+
+
 def patch_logits_to_probs(logits: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
     """(B, N, 2) patch logits -> (B, 2, S, S) probabilities.
 
@@ -63,12 +78,15 @@ class MetaNet(torch.nn.Module):
     UltraAD's MiniNet follows the same idea (the paper cites CoCoOp for it).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, reduction: int = 16):
+    def __init__(self, in_dim: int, out_dim: int, reduction: int = 16, zero_init_output: bool = False):
         super().__init__()
         hidden = max(1, in_dim // reduction)
         self.net = torch.nn.Sequential(
             torch.nn.Linear(in_dim, hidden), torch.nn.ReLU(inplace=True), torch.nn.Linear(hidden, out_dim)
         )
+        if zero_init_output:  # output 0 at start: a residual x + MetaNet(x) then starts exactly at x
+            torch.nn.init.zeros_(self.net[-1].weight)
+            torch.nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -26,7 +26,7 @@ from torch import nn
 from usad_bench.backbone import Backbone, ImageFeatures
 from usad_bench.errors import UsadError
 from usad_bench.methods.base import Method, MethodConfig, Prediction
-from usad_bench.methods.common import class_anomaly_score
+from usad_bench.methods.common import causal_text_length, class_anomaly_score
 from usad_bench.methods.registry import register
 from usad_bench.prompts import PromptSet
 
@@ -36,7 +36,7 @@ class CoOpConfig(MethodConfig):
     epochs: int = -1  # -1 = CoOp's schedule by shots (1: 50, 2-4: 100, 8+: 200); else this many epochs
     batch_size: int = 32  # CoOp's batch size
     lr: float = 0.002  # SGD learning rate after warm-up
-    n_ctx: int = 16  # learnable context vectors (ignored when ctx_init is set: its token count is used)
+    n_ctx: int = 16  # learnable context vectors (ignored when ctx_init is set: its word count is used, as CoOp)
     ctx_init: str = ""  # "" = random N(0, 0.02) context (CoOp's few-shot default); else words to start from
     momentum: float = 0.9  # SGD momentum (Dassl default)
     weight_decay: float = 5e-4  # SGD weight decay (Dassl default)
@@ -52,9 +52,12 @@ class PromptLearner(nn.Module):
     def __init__(self, backbone: Backbone, class_words: list[str], n_ctx: int, ctx_init: str = ""):
         super().__init__()
         if ctx_init:
+            ctx_init = ctx_init.replace("_", " ")
+            n_ctx = context_word_count(ctx_init)
             init_tokens = backbone.tokenize([ctx_init])
-            n_ctx = int(init_tokens[0].argmax()) - 1  # tokens between SOS and EOS (EOS has the largest id)
-            with torch.no_grad():
+            if n_ctx > int(init_tokens[0].argmax()) - 1:  # more words than tokens: only a doubled space does this
+                raise UsadError(f"ctx_init={ctx_init!r} has empty words; separate its words by single spaces")
+            with torch.no_grad():  # the first n_ctx *tokens*, as CoOp (a word of two tokens leaves one behind)
                 ctx = backbone.token_embedding(init_tokens)[0, 1 : 1 + n_ctx].float().clone()
             prefix_text = ctx_init
         else:
@@ -67,13 +70,16 @@ class PromptLearner(nn.Module):
         tokens = backbone.tokenize([f"{prefix_text} {words}." for words in class_words])  # (C, T)
         with torch.no_grad():
             embedding = backbone.token_embedding(tokens)  # (C, T, W)
+        # Cut after the last end-of-text token: the causal tower's padding changes nothing (checked there).
+        length = causal_text_length(backbone, embedding, tokens)
+        tokens, embedding = tokens[:, :length], embedding[:, :length]
         self.n_ctx = n_ctx
         self.tower_dtype = embedding.dtype  # prompts are cast to it: fp16 towers need fp16 inputs
         embedding = embedding.float()
         self.ctx = nn.Parameter(ctx)  # (n_ctx, W)
-        self.register_buffer("tokens", tokens)
+        self.register_buffer("tokens", tokens)  # (C, L) token ids up to the last end-of-text token
         self.register_buffer("token_prefix", embedding[:, :1])  # (C, 1, W) start-of-text
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :])  # (C, T - 1 - n_ctx, W) class words, EOS
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :])  # (C, L - 1 - n_ctx, W) class words, EOS
 
     def embeddings(self, ctx: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings for context ``ctx`` of shape (n_ctx, W) -> (C, T, W), or (B, n_ctx, W) -> (B, C, T, W)."""
@@ -94,6 +100,11 @@ class PromptLearner(nn.Module):
         b, c = prompts.shape[:2]
         flat = backbone.encode_text_embeddings(prompts.flatten(0, 1), self.tokens.repeat(b, 1))  # (B*C, D)
         return F.normalize(flat.view(b, c, -1), dim=-1)
+
+
+def context_word_count(ctx_init: str) -> int:
+    """CoOp counts ``ctx_init`` in words (split on single spaces): "a sonogram of a" -> 4 context vectors."""
+    return len(ctx_init.split(" "))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int, warmup_lr: float, lr: float):
@@ -126,6 +137,7 @@ class CoOp(Method):
     config_class = CoOpConfig
     trainable = True
     outputs = ("score", "logits")
+    drop_last = True  # Dassl's loader: the last partial batch is dropped when there is a full one
 
     def __init__(self, cfg: CoOpConfig, backbone, task):
         if cfg.epochs < 0:  # resolved here, so the run's saved config shows the epochs actually run

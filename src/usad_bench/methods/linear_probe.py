@@ -50,36 +50,37 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
         return LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter).fit(x, y)
 
 
-def cv_score(x: np.ndarray, y: np.ndarray, folds: list, c: float, max_iter: int) -> tuple[int, float]:
-    """(held-out correct count, -held-out cross-entropy) of C over the folds; larger is better."""
-    correct, loss = 0, 0.0
-    n_classes = int(y.max()) + 1
+def cv_accuracy(x: np.ndarray, y: np.ndarray, folds: list, c: float, max_iter: int) -> int:
+    """Held-out correct count of C over the folds (lpclip scores each C by validation accuracy alone)."""
+    correct = 0
     for train, held in folds:
         if len(np.unique(y[train])) < 2:
             continue  # nothing to fit (a 2-class task with a one-patient class); the same for every C
         clf = fit_logistic(x[train], y[train], c, max_iter)
-        probs = np.full((len(held), n_classes), 1e-12)
-        probs[:, clf.classes_] = clf.predict_proba(x[held])  # a class absent from a fold gets ~0
-        correct += int((probs.argmax(1) == y[held]).sum())
-        loss -= float(np.log(probs[np.arange(len(held)), y[held]]).sum())
-    return correct, -loss
+        correct += int((clf.predict(x[held]) == y[held]).sum())
+    return correct
 
 
 def search_c(x: np.ndarray, y: np.ndarray, folds: list, steps: int, max_iter: int) -> float:
-    """lpclip's search, scored by cross-validation (ties in accuracy go to the lower cross-entropy)."""
-    memo: dict[float, tuple[int, float]] = {}
+    """lpclip's search, each C scored by cross-validated accuracy on the support set.
 
-    def score(c: float) -> tuple[int, float]:
+    lpclip's rules: the coarse peak is the first of equal accuracies in C_GRID's order (np.argmax),
+    i.e. the largest C; each halving step keeps the right (larger) end only if it is strictly more
+    accurate than the left one, so ties go to the smaller C; the C of the last step is returned.
+    """
+    memo: dict[float, int] = {}
+
+    def accuracy(c: float) -> int:
         if c not in memo:
-            memo[c] = cv_score(x, y, folds, c, max_iter)
+            memo[c] = cv_accuracy(x, y, folds, c, max_iter)
         return memo[c]
 
-    peak = max(C_GRID, key=score)  # the first of equal scores, like np.argmax in lpclip
+    peak = max(C_GRID, key=accuracy)  # the first of equal scores, like np.argmax in lpclip
     left, right = np.log10(peak) - 1.0, np.log10(peak) + 1.0
     chosen = peak
     for _ in range(steps):
         middle = 0.5 * (left + right)
-        if score(10**left) < score(10**right):
+        if accuracy(10**left) < accuracy(10**right):
             chosen, left = 10**right, middle
         else:
             chosen, right = 10**left, middle

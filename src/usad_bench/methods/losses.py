@@ -8,17 +8,24 @@ abnormal channel against the mask (and, in APRIL-GAN, on the normal channel agai
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
-def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-5) -> torch.Tensor:
-    """Mean focal loss.
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
+    """Mean focal loss, as APRIL-GAN's ``FocalLoss`` (alpha = 1, label smoothing ``smooth``).
+
+    The one-hot target is smoothed by clamping into [smooth / (K - 1), 1 - smooth] and p_t is the
+    smoothed target's dot product with the probabilities plus ``smooth``: -(1 - p_t)^gamma log p_t.
+    Unlike clamping p_t itself, this keeps a gradient at every pixel, however wrong it is.
 
     Args:
-        probs: (B, 2, H, W) probabilities of (normal, abnormal); they sum to one over dim 1.
-        target: (B, H, W) float mask in {0, 1}.
+        probs: (B, K, H, W) class probabilities, K = 2 for (normal, abnormal); they sum to one over dim 1.
+        target: (B, H, W) mask of class indices in {0, .., K-1} (a float {0, 1} mask is truncated, as there).
     """
-    target = target.long().unsqueeze(1)  # (B, 1, H, W)
-    p_true = probs.gather(1, target).squeeze(1).clamp(eps, 1.0 - eps)  # probability of the true class
+    n_classes = probs.shape[1]
+    one_hot = F.one_hot(target.long(), n_classes).movedim(-1, 1).to(probs.dtype)  # (B, K, H, W)
+    one_hot = one_hot.clamp(smooth / (n_classes - 1), 1.0 - smooth)
+    p_true = (one_hot * probs).sum(1) + smooth  # (B, H, W)
     return (-((1.0 - p_true) ** gamma) * p_true.log()).mean()
 
 

@@ -6,7 +6,8 @@ ensemble and alpha_c a learnable class-wise blending weight. Recipe from the aut
 
 * W starts at the per-class *sums* of the support embeddings (their ``compute_centroids`` has the
   division by the class count commented out); b keeps ``nn.Linear``'s default initialisation;
-* alpha starts, for every class, at 250 x the mean cosine between support images and class texts;
+* alpha starts, for every class, at 250 x the mean over classes of the mean cosine between a
+  class's support images and that class's own text (``compute_centroids_alpha``);
 * full-batch gradient descent for 300 iterations: W and b by SGD (momentum 0.9) with step
   4N / lambda_max(F^T F) (from the Lipschitz constant of the cross-entropy gradient, F the (N, D)
   support embeddings); alpha by a plain gradient step N / (4 max_c sum_i (f_i . t_c)^2) every 10
@@ -36,7 +37,7 @@ class LPPlusPlusConfig(MethodConfig):
     epochs: int = 300  # full-batch iterations (the authors' train_epoch for LP++)
     momentum: float = 0.9  # SGD momentum on W and b
     alpha_every: int = 10  # alpha takes one gradient step every this many iterations
-    init_alpha_scale: float = 250.0  # alpha starts at this x the mean support-text cosine
+    init_alpha_scale: float = 250.0  # alpha starts at this x the mean own-class support-text cosine
     accumulate_alpha_grad: bool = True  # as the authors' code: alpha's gradient is never reset
 
 
@@ -53,11 +54,16 @@ def step_size_alpha(features: torch.Tensor, text: torch.Tensor) -> float:
 
 
 def initial_alpha(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: float) -> float:
-    """``scale`` x the mean over classes (and texts) of the class-mean image-text cosine."""
+    """``scale`` x the mean over classes of the mean cosine between class c's images and class c's text.
+
+    The authors' ``compute_centroids_alpha`` multiplies the one-hot labels elementwise with the (N, C)
+    image-text cosines, so each class contributes the cosines with its *own* text only; their
+    ``* shots`` and ``250 / shots`` cancel.
+    """
     text_logits = features.double() @ text.double().T  # (N, C)
     one_hot = F.one_hot(labels, text.shape[0]).double()  # (N, C)
-    class_means = (one_hot.T @ text_logits) / one_hot.sum(0)[:, None]  # (C, C): class x text
-    return float(scale * class_means.mean())
+    own_class_means = (one_hot * text_logits).sum(0) / one_hot.sum(0)  # (C,): class c's images vs text c
+    return float(scale * own_class_means.mean())
 
 
 @register("lp_plus_plus")

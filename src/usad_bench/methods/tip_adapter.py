@@ -5,7 +5,8 @@ embedding, keys the unit support embeddings (averaged over augmented views befor
 values their one-hot labels and W_text the class prompt ensembles.
 
 alpha and beta are searched on the original's grid (``search_hp`` in ``utils.py``: beta in
-0.1 + i * (beta_max - 0.1) / beta_steps, alpha likewise) by accuracy -- but on the support set
+0.1 + i * (beta_max - 0.1) / beta_steps, alpha likewise) by accuracy, keeping the first grid
+point (beta outer, alpha inner) that reaches the best accuracy -- but on the support set
 itself, never on test data: every support image is classified by a cache that holds no image of
 its own patient (leave-one-patient-out by default, or patient-grouped k-fold). The original
 searches on a separate validation split, which a few-shot benchmark does not have.
@@ -60,7 +61,10 @@ def search_alpha_beta(
     betas: torch.Tensor,
     alphas: torch.Tensor,
 ) -> tuple[float, float, float]:
-    """Pick (alpha, beta) by held-out accuracy over the folds; ties go to the lower cross-entropy.
+    """Pick (alpha, beta) by held-out accuracy over the folds, keeping the first grid point that reaches the best.
+
+    As the original's ``search_hp``: beta in the outer loop, alpha in the inner one, and a point replaces
+    the current best only if its accuracy is strictly higher.
 
     Args:
         clip_logits: (N, C) zero-shot logits of the support images (the queries).
@@ -71,20 +75,13 @@ def search_alpha_beta(
         alpha, beta, and the held-out accuracy they reach.
     """
     correct = torch.zeros(len(betas), len(alphas), dtype=torch.float64)
-    ce = torch.zeros_like(correct)
     for train, held in folds:
         train, held = torch.as_tensor(train), torch.as_tensor(held)
         affinity, values = fold_cache(train, held)  # (h, K), (K, C)
         cache = torch.exp(-betas[:, None, None] * (1.0 - affinity.double())) @ values.double()  # (nb, h, C)
         logits = clip_logits[held].double() + alphas[None, :, None, None] * cache[:, None]  # (nb, na, h, C)
-        target = labels[held]
-        correct += (logits.argmax(-1) == target).sum(-1)
-        log_probs = logits.log_softmax(-1)
-        ce -= log_probs.gather(-1, target.expand(*logits.shape[:-1])[..., None]).squeeze(-1).sum(-1)
-    # Lexicographic: most correct first, then lowest cross-entropy; the first grid point wins exact ties.
-    score = correct * (ce.max() - ce.min() + 1.0) - ce
-    best = int(torch.argmax(score))
-    i, j = divmod(best, len(alphas))
+        correct += (logits.argmax(-1) == labels[held]).sum(-1)
+    i, j = (correct == correct.max()).nonzero()[0].tolist()  # row-major (beta, alpha): the original's loop order
     return float(alphas[j]), float(betas[i]), float(correct[i, j] / len(labels))
 
 

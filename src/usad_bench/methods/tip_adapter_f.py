@@ -15,14 +15,14 @@ point. The final keys are fine-tuned on the whole support set by the runner's tr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import BatchSampler
 
-from usad_bench.methods.base import SupportSet
+from usad_bench.methods.base import SupportEpochSampler, SupportSet
 from usad_bench.methods.registry import register
 from usad_bench.methods.tip_adapter import TipAdapter, TipAdapterConfig
 
@@ -88,18 +88,21 @@ class TipAdapterF(TipAdapter):
     def fine_tune_keys(
         self, keys: torch.Tensor, values: torch.Tensor, views: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        """The training recipe on a subset: (K, D) keys tuned on its (V, K, D) views; returns new keys."""
+        """The training recipe on a subset: (K, D) keys tuned on its (V, K, D) views; returns new keys.
+
+        Epochs as the runner's loader (``SupportSet.training_loader``): each of the K images once per
+        epoch, in one random view, the last partial batch kept.
+        """
         cfg = self.cfg
-        images = views.flatten(0, 1)  # (V*K, D), the same items the runner's loader yields
+        images = views.flatten(0, 1)  # (V*K, D): item view * K + image, the runner's indexing
         targets = labels.repeat(views.shape[0])
-        steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+        batches = BatchSampler(SupportEpochSampler(views.shape[1], views.shape[0], seed=0), cfg.batch_size, False)
         tuned = nn.Parameter(keys.clone())
-        optimizer, scheduler = tip_f_optimizer([tuned], cfg, cfg.epochs * steps_per_epoch)
-        generator = torch.Generator().manual_seed(0)
+        optimizer, scheduler = tip_f_optimizer([tuned], cfg, cfg.epochs * len(batches))
         with torch.enable_grad():
             for _ in range(cfg.epochs):
-                order = torch.randperm(len(images), generator=generator).to(images.device)
-                for batch in order.split(cfg.batch_size):
+                for batch in batches:
+                    batch = torch.as_tensor(batch, device=images.device)
                     loss = F.cross_entropy(self.training_logits(images[batch], tuned, values), targets[batch])
                     optimizer.zero_grad()
                     loss.backward()

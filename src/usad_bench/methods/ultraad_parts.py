@@ -20,7 +20,7 @@ from torch import nn
 from usad_bench.backbone import Backbone
 from usad_bench.data.manifest import NORMAL
 from usad_bench.errors import UsadError
-from usad_bench.methods.common import cache_affinity_logits
+from usad_bench.methods.common import cache_affinity_logits, causal_text_length
 from usad_bench.prompts import PromptSet, ensemble_embedding
 
 PLACEHOLDER = "X"  # one CLIP token ("x</w>"); its input embeddings are replaced by learned tokens
@@ -52,36 +52,47 @@ class ImageAwarePrompts(nn.Module):
         self.tower_dtype = embedding.dtype  # fp16 towers need fp16 inputs
         self.width = embedding.shape[-1]
         self.global_token = nn.Parameter(init.clone())  # (1, Wt), starts as the object word ("breast")
-        length = _causal_length(backbone, embedding, tokens)
+        length = causal_text_length(backbone, embedding, tokens)
         self.register_buffer("tokens", tokens[:, :length])
         self.register_buffer("embedding", embedding[:, :length].float())
+        # The words before the learned tokens are the same for every image: the causal tower's states
+        # there are computed once (not saved: they follow from the backbone and the templates).
+        prefix = backbone.text_prefix(embedding[:, : min(self.positions)])
+        self.register_buffer("prefix", prefix, persistent=False)  # (L, 2, p, Wt) or None
+        self.use_prefix = prefix is not None and self._prefix_is_exact(backbone)
 
-    def forward(self, backbone: Backbone, instance: torch.Tensor) -> torch.Tensor:
-        """Instance tokens (B, Wt) -> unit prompt embeddings (B, 2, D) of (normal, abnormal)."""
+    def forward(self, backbone: Backbone, instance: torch.Tensor, use_prefix: bool | None = None) -> torch.Tensor:
+        """Instance tokens (B, Wt) -> unit prompt embeddings (B, 2, D) of (normal, abnormal).
+
+        ``use_prefix=False`` runs the whole prompts through the tower (the reference path; same result).
+        """
+        b = instance.shape[0]
+        prompts = self.prompt_embeddings(instance)  # (B*2, T, Wt), row = image * 2 + state
+        tokens = self.tokens.repeat(b, 1)
+        if self.use_prefix if use_prefix is None else use_prefix:
+            p = self.prefix.shape[2]
+            prefix = self.prefix.repeat(1, b, 1, 1)  # (L, B*2, p, Wt), rows in the prompts' order
+            encoded = backbone.encode_text_after_prefix(prefix, prompts[:, p:], tokens)
+        else:
+            encoded = backbone.encode_text_embeddings(prompts, tokens)  # (B*2, D)
+        return F.normalize(encoded.view(b, 2, -1), dim=-1)
+
+    def prompt_embeddings(self, instance: torch.Tensor) -> torch.Tensor:
+        """(B, Wt) instance tokens -> (B*2, T, Wt) input embeddings of both prompts of every image."""
         b = instance.shape[0]
         learned = torch.stack([self.global_token.expand(b, -1), instance], dim=1)  # (B, 2, Wt)
         prompts = []
         for state, p in enumerate(self.positions):
             base = self.embedding[state].expand(b, -1, -1)  # (B, T, Wt)
             prompts.append(torch.cat([base[:, :p], learned, base[:, p + 2 :]], dim=1))
-        prompts = torch.stack(prompts, dim=1).flatten(0, 1).to(self.tower_dtype)  # (B*2, T, Wt)
-        encoded = backbone.encode_text_embeddings(prompts, self.tokens.repeat(b, 1))  # (B*2, D)
-        return F.normalize(encoded.view(b, 2, -1), dim=-1)
+        return torch.stack(prompts, dim=1).flatten(0, 1).to(self.tower_dtype)
 
-
-@torch.no_grad()
-def _causal_length(backbone: Backbone, embedding: torch.Tensor, tokens: torch.Tensor) -> int:
-    """How many token positions the prompts need: up to their end-of-text token, when that is exact.
-
-    CLIP's text tower is causal and reads its output at the end-of-text token, so the padding after
-    it changes nothing; dropping it makes every text pass ~6x cheaper (two prompts per image, in
-    training and at prediction). Checked once on the prompts themselves: a tower that is not causal
-    keeps the full length.
-    """
-    length = int(tokens.argmax(dim=-1).max()) + 1  # CLIP's end-of-text token has the largest id
-    full = backbone.encode_text_embeddings(embedding, tokens)
-    short = backbone.encode_text_embeddings(embedding[:, :length], tokens[:, :length])
-    return length if torch.allclose(full, short, atol=1e-4, rtol=1e-3) else tokens.shape[1]
+    @torch.no_grad()
+    def _prefix_is_exact(self, backbone: Backbone) -> bool:
+        """Checked once, as the causal length is: the cached-prefix path must equal the whole-prompt one."""
+        instance = torch.randn(2, self.width, generator=torch.Generator().manual_seed(0)).to(self.embedding)
+        fast, full = self(backbone, instance, use_prefix=True), self(backbone, instance, use_prefix=False)
+        return torch.allclose(fast, full, atol=1e-4, rtol=1e-3)
 
 
 def _placeholder_position(backbone: Backbone, template: str) -> int:
@@ -95,10 +106,11 @@ def _placeholder_position(backbone: Backbone, template: str) -> int:
 class ClassMemory(nn.Module):
     """Memory-boosted classification over K support images and C classes.
 
-    logits = scale * cos(z, P_t) averaged per class + alpha * exp(-beta * (1 - cos(z, F_t))) @ L_t,
-    with z the MiniNet-projected query embedding (the paper's f'), P_t the support images'
-    lesion-aware description embeddings (frozen buffer), F_t their CLIP image embeddings (a
-    parameter refined in training) and L_t their one-hot labels (buffer).
+    logits = scale * cos(z, P_t) averaged per class + alpha * exp(-beta * (1 - cos(q, F_t))) @ L_t,
+    with z the MiniNet-projected query embedding (the paper's f'), q the image-memory query (CLIP's
+    own embedding f by default, UltraAD's ``cache_query``), P_t the support images' lesion-aware
+    description embeddings (frozen buffer), F_t their CLIP image embeddings (a parameter refined in
+    training) and L_t their one-hot labels (buffer).
     """
 
     def __init__(self, n_support: int, n_classes: int, dim: int, alpha: float, beta: float, scale: float):
@@ -120,19 +132,25 @@ class ClassMemory(nn.Module):
         self.text_memory.copy_(text)
         self.label_memory.copy_(F.one_hot(labels, self.label_memory.shape[1]).float())
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Unit projected query embeddings z (B, D) -> (B, C) logits."""
+    def forward(self, z: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit projected embeddings z (B, D) and unit image-memory queries (B, D; default z) -> (B, C) logits.
+
+        The text term always reads z (the paper's "projected image class token"); the image-memory
+        term reads ``query``: the raw CLIP embedding f in the paper's reading (``cache_query: clip``).
+        """
+        query = z if query is None else query
         per_class = self.label_memory / self.label_memory.sum(0).clamp_min(1.0)  # (K, C), columns average
         text_logits = self.scale * (z @ self.text_memory.T) @ per_class  # (B, C)
         keys = F.normalize(self.image_memory, dim=-1)  # (K, D) refined in training, compared by cosine
-        return text_logits + self.alpha * cache_affinity_logits(z, keys, self.label_memory, self.beta)
+        return text_logits + self.alpha * cache_affinity_logits(query, keys, self.label_memory, self.beta)
 
 
 class PatchTextFusion(nn.Module):
     """PIF: M-head cross-attention, queries = text embeddings, keys / values = patch tokens.
 
     The attended patch content is added to the text embedding (residual), so the fused embedding
-    stays close to the prompt it came from and only moves toward what this image shows.
+    stays close to the prompt it came from and only moves toward what this image shows. W_k has no
+    bias: it could never change the output (nor receive a gradient).
     """
 
     def __init__(self, dim: int, heads: int):
@@ -141,19 +159,35 @@ class PatchTextFusion(nn.Module):
             raise UsadError(f"PIF heads ({heads}) must divide the embedding width ({dim}); set pif_heads accordingly")
         self.heads = heads
         self.w_q = nn.Linear(dim, dim)
-        self.w_k = nn.Linear(dim, dim)
+        self.w_k = nn.Linear(dim, dim, bias=False)  # a key bias adds one constant to a query's scores: no effect
         self.w_v = nn.Linear(dim, dim)
         self.w_o = nn.Linear(dim, dim)
 
-    def forward(self, text: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        """Text (B, T, D) and patch tokens (B, N, D) -> unit fused text embeddings (B, T, D)."""
+    def forward(self, text: torch.Tensor, patches: torch.Tensor, folded: bool = True) -> torch.Tensor:
+        """Text (B, T, D) and patch tokens (B, N, D) -> unit fused text embeddings (B, T, D).
+
+        ``folded=False`` projects every patch token with W_k and W_v (the textbook form, the reference);
+        the default folds both projections onto the T queries instead, with the same result:
+        q·(W_k p) = (W_kᵀ q)·p, and the attention-weighted mean of W_v p + b_v is
+        W_v (weighted mean of p) + b_v. That
+        costs T·M vectors of width D per image instead of 2·N projected tokens (T = 2, N = 196..576).
+        """
         b, t, d = text.shape
         head = d // self.heads
         q = self.w_q(text).view(b, t, self.heads, head).transpose(1, 2)  # (B, M, T, d)
-        k = self.w_k(patches).view(b, -1, self.heads, head).transpose(1, 2)  # (B, M, N, d)
-        v = self.w_v(patches).view(b, -1, self.heads, head).transpose(1, 2)  # (B, M, N, d)
-        attn = (q @ k.transpose(-1, -2) / math.sqrt(head)).softmax(dim=-1)  # (B, M, T, N)
-        fused = (attn @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+        if not folded:
+            k = self.w_k(patches).view(b, -1, self.heads, head).transpose(1, 2)  # (B, M, N, d)
+            v = self.w_v(patches).view(b, -1, self.heads, head).transpose(1, 2)  # (B, M, N, d)
+            attn = (q @ k.transpose(-1, -2) / math.sqrt(head)).softmax(dim=-1)  # (B, M, T, N)
+            fused = attn @ v  # (B, M, T, d)
+        else:
+            w_k = self.w_k.weight.view(self.heads, head, d)  # (M, d, D): each head's rows of W_k
+            w_v = self.w_v.weight.view(self.heads, head, d)
+            keys = torch.einsum("bmtk,mkD->bmtD", q, w_k).flatten(1, 2)  # (B, M*T, D): W_kᵀ q per head
+            attn = (keys @ patches.transpose(1, 2) / math.sqrt(head)).softmax(dim=-1)  # (B, M*T, N)
+            pooled = (attn @ patches).view(b, self.heads, t, d)  # (B, M, T, D): attention-weighted mean patch
+            fused = torch.einsum("bmtD,mkD->bmtk", pooled, w_v) + self.w_v.bias.view(self.heads, 1, head)
+        fused = fused.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return F.normalize(text + self.w_o(fused), dim=-1)
 
 
