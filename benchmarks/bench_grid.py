@@ -183,6 +183,7 @@ def grid_estimates(args, measured: dict, counts: dict) -> dict:
     for grid in GRIDS:
         name = Path(grid).stem
         exp = override_grid(load_experiment(REPO / grid), {"backbone": args.backbone, "pretrained": "none"})
+        exp.data = {**exp.data, exp.source: args.source}  # the measured source stands in for the grid's path
         points = exp.points() if counts.get(name) else []
         before = after = 0.0
         for point in points:

@@ -85,7 +85,8 @@ def test_soft_label_targets_on_a_toy_attribute_table():
 
 def test_classes_without_attributes_are_a_one_line_error(tiny_backbone):
     with pytest.raises(UsadError, match="prompts=breast_ultrasound_attributes"):
-        USCLIPSoftLabel(USCLIPSoftLabelConfig(prompts="breast_ultrasound"), tiny_backbone, make_task("breast_ultrasound"))
+        cfg = USCLIPSoftLabelConfig(prompts="breast_ultrasound")
+        USCLIPSoftLabel(cfg, tiny_backbone, make_task("breast_ultrasound"))
 
 
 def test_usclip_trains_with_the_pretraining_loss_and_starts_at_zero_shot(tiny_backbone):

@@ -2,8 +2,9 @@
 
     python benchmarks/parity/hybrid_tuning.py --original /path/to/NextGen-UIA
 
-Loads THEIR ``src/adapters/mona.py`` (``HybridNoiseFreqMona``, and ``FreqEnhancedMona`` for the filter
-alone) and ``src/third_party/timm/clip_adapter.py`` (``TimmCLIPAdapter``) from the clone at run time,
+Loads THEIR ``src/adapters/mona.py`` (``HybridNoiseFreqMona``; its noise estimator is compared alone,
+and the filter alone against their filter step's formula with their parameter, since that step is not a
+separate module there) and ``src/third_party/timm/clip_adapter.py`` (``TimmCLIPAdapter``) from the clone at run time,
 gives both sides the same random weights (every parameter drawn afresh, so the LN branch and the filter
 are not at their identity initial values) and the same random tokens, and writes the max abs / relative
 differences to results/parity/hybrid_tuning.json. Only ``TimmCLIPAdapter.extract_vit_features`` is
@@ -62,7 +63,7 @@ def compare_adapter(mona, grid=(7, 7), width=96, batch=3) -> dict:
     with torch.no_grad():
         out_theirs = theirs(tokens.permute(1, 0, 2), grid).permute(1, 0, 2)[:, 1:]  # patch tokens
         out_ours = ours(tokens[:, 1:])
-        # the filter alone: their FreqEnhancedMonaOp's first step vs our FrequencyFilter
+        # the filter alone: their forward's first step (mona.py, HybridNoiseFreqMonaOp) vs our FrequencyFilter
         grid_x = torch.randn(batch, 64, *grid, generator=torch.Generator().manual_seed(2))
         spectrum = torch.fft.rfft2(grid_x) * theirs.adapter_conv.freq_filter.view(1, -1, 1, 1)
         filt_theirs = torch.fft.irfft2(spectrum, s=grid)

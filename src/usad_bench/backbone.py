@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import urllib.error
@@ -464,11 +465,23 @@ def _create(spec: BackboneSpec, pretrained: str | None, **kwargs) -> nn.Module:
     except Exception as exc:  # torch/safetensors raise many types for a bad file; each becomes one line
         if isinstance(exc, RuntimeError) and "not found in built-ins" in str(exc):
             raise UsadError(f"unknown open_clip model {spec.name!r}; see `open_clip.list_models()`") from None
+        if _needs_transformers(exc):  # a Hugging Face text tower (BiomedCLIP), not the weights, is the cause
+            raise UsadError(
+                f"{spec.name} has a Hugging Face text tower, which needs the transformers package: "
+                'pip install "usad_bench[biomedclip]" (or pip install transformers)'
+            ) from None
         if pretrained is not None and Path(pretrained).is_file():
             raise UsadError(_checkpoint_help(spec, Path(pretrained), exc)) from exc
         if isinstance(exc, (RuntimeError, OSError, ValueError)):
             raise UsadError(_weights_help(spec, exc)) from exc
         raise
+
+
+def _needs_transformers(exc: Exception) -> bool:
+    """open_clip's own error for an HF text tower without transformers, or a failed import of it."""
+    if isinstance(exc, ImportError):
+        return (exc.name or "").split(".")[0] == "transformers"
+    return isinstance(exc, RuntimeError) and "pip install transformers" in str(exc)
 
 
 def _resolve_weights(spec: BackboneSpec) -> tuple[str | None, str]:
@@ -530,6 +543,8 @@ def _weights_help(spec: BackboneSpec, exc: Exception) -> str:
             f"could not load {spec.name} ({reason}). Offline? Download that Hugging Face repo (open_clip_config.json "
             "and the weights) on a connected machine and pass --backbone local-dir:/path/to/that/folder."
         )
+    if spec.name.startswith(LOCAL_DIR):
+        return _local_dir_help(spec, reason)
     cfg = open_clip.get_pretrained_cfg(spec.name, str(spec.pretrained)) or {}
     sources = []
     if cfg.get("hf_hub"):
@@ -541,6 +556,26 @@ def _weights_help(spec: BackboneSpec, exc: Exception) -> str:
         f"could not load weights for {spec.name} / {spec.pretrained}{where}: {reason}. Offline? Download the "
         "checkpoint on a connected machine and pass its path with --pretrained /path/to/file (or copy a filled "
         "~/.cache/huggingface/hub here); --pretrained none gives random weights."
+    )
+
+
+def _local_dir_help(spec: BackboneSpec, reason: str) -> str:
+    """A downloaded hub folder open_clip could not build; its config may name another Hugging Face repo."""
+    folder = Path(spec.name.removeprefix(LOCAL_DIR)).expanduser()
+    try:  # BiomedCLIP's text tower reads the config.json of the PubMedBERT repo its config names
+        config = json.loads((folder / "open_clip_config.json").read_text())
+        text_model = str(config.get("model_cfg", {}).get("text_cfg", {}).get("hf_model_name", ""))
+    except (OSError, ValueError, AttributeError):
+        text_model = ""
+    if text_model and not Path(text_model).expanduser().is_dir():
+        return (
+            f"could not build {spec.name} ({reason}). Its text tower also loads the Hugging Face repo {text_model} "
+            "(hf_model_name in open_clip_config.json). Offline? Download that repo's config.json to a folder and set "
+            "hf_model_name to that folder, or copy a filled ~/.cache/huggingface/hub here."
+        )
+    return (
+        f"could not build {spec.name} ({reason}); the folder needs open_clip_config.json, the weights and tokenizer "
+        "files of one Hugging Face repo: download that repo again."
     )
 
 

@@ -56,6 +56,7 @@ from usad_bench.io import (
     write_yaml,
 )
 from usad_bench.methods import Method, Prediction, SupportSet, Task, get_method
+from usad_bench.methods.base import PER_IMAGE
 from usad_bench.prompts import load_prompts
 from usad_bench.tables import weights_label
 from usad_bench.viz import label_image, overlay
@@ -466,6 +467,7 @@ class Collected:
     masks: list[np.ndarray] = field(default_factory=list)  # same rows, bool
     predicts_maps: bool = False  # the method gave anomaly maps (pixel metrics possible at all)
     empty_lesion_masks: list[str] = field(default_factory=list)  # abnormal ids whose mask has no lesion pixel
+    scoring: str = PER_IMAGE  # or the method's transductive recipe (the test set scored as a whole)
 
 
 def parse_test_arg(arg: str) -> tuple[str, Path]:
@@ -568,23 +570,40 @@ def _support_digests(split, config: dict) -> set[str]:
 def collect(method: Method, extractor: FeatureExtractor, samples: list[Sample], desc: str = "eval") -> Collected:
     if not samples:
         raise UsadError("test set is empty after removing the support patients")
+    if method.transductive:
+        return _collect_test_set(method, extractor, samples, desc)
     c = Collected()
-    size = method.task.image_size
     for chunk, feats in progress(extractor.iter_batches(samples), len(samples), desc):
         feats.cls, feats.patches = _to(feats.cls, method), _to(feats.patches, method)
-        pred = method.predict_features(feats)
-        c.ids += [s.id for s in chunk]
-        c.labels += [s.label for s in chunk]
-        c.is_anomaly += [s.is_anomaly for s in chunk]
-        c.scores.append(pred.score.float().cpu().numpy())
-        if pred.class_logits is not None:
-            c.logits.append(pred.class_logits.float().cpu().numpy())
-        if pred.anomaly_map is not None:
-            c.predicts_maps = True
-            for s, amap in zip(chunk, pred.anomaly_map, strict=True):
-                if has_pixel_truth(s):
-                    _add_pixel_truth(c, s, amap, size)
+        _add_prediction(c, chunk, method.predict_features(feats), method.task.image_size)
     return c
+
+
+def _collect_test_set(method: Method, extractor: FeatureExtractor, samples: list[Sample], desc: str) -> Collected:
+    """A transductive method's two passes: every batch's parts (on the CPU), then one prediction for the set."""
+    parts: list[dict[str, torch.Tensor]] = []
+    for _, feats in progress(extractor.iter_batches(samples), len(samples), desc):
+        feats.cls, feats.patches = _to(feats.cls, method), _to(feats.patches, method)
+        parts.append({k: v.cpu() for k, v in method.predict_parts(feats).items()})
+    pred = method.finish_test_set({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    c = Collected(scoring=method.scoring)
+    _add_prediction(c, samples, pred, method.task.image_size)
+    return c
+
+
+def _add_prediction(c: Collected, chunk: list[Sample], pred: Prediction, size: int) -> None:
+    """Append the prediction for ``chunk`` (a batch, or a transductive method's whole test set)."""
+    c.ids += [s.id for s in chunk]
+    c.labels += [s.label for s in chunk]
+    c.is_anomaly += [s.is_anomaly for s in chunk]
+    c.scores.append(pred.score.float().cpu().numpy())
+    if pred.class_logits is not None:
+        c.logits.append(pred.class_logits.float().cpu().numpy())
+    if pred.anomaly_map is not None:
+        c.predicts_maps = True
+        for s, amap in zip(chunk, pred.anomaly_map, strict=True):
+            if has_pixel_truth(s):
+                _add_pixel_truth(c, s, amap, size)
 
 
 def _add_pixel_truth(c: Collected, s: Sample, amap: torch.Tensor, size: int) -> None:
@@ -617,6 +636,8 @@ def score_test(c: Collected, classes: list[str], dice_threshold: float | None) -
     """Every metric that the test set's labels allow; undefined ones are None with a note."""
     scores, anomalous = np.concatenate(c.scores), np.array(c.is_anomaly)
     out: dict = {"n_images": len(c.ids), "n_abnormal": int(anomalous.sum()), "notes": []}
+    if c.scoring != PER_IMAGE:  # the support's threshold is on per-image maps, another scale (see the note)
+        dice_threshold = None
     out.update(metrics.image_metrics(anomalous, scores))  # nan (-> null) when one of normal/abnormal is absent
     if not 0 < anomalous.sum() < len(anomalous):
         out["notes"].append("image metrics undefined: the test set has only one of normal/abnormal")
@@ -662,7 +683,9 @@ def missing_metric_notes(out: dict, c: Collected, dice_threshold: float | None) 
         undefined = [k for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro", *fixed) if not _finite(out.get(k))]
         if undefined:
             notes.append(f"{', '.join(undefined)} undefined: no test image has a lesion mask (all pixels background)")
-        if dice_threshold is None:
+        if c.scoring != PER_IMAGE:
+            notes.append(f"dice absent: its threshold is fitted on per-image support maps, not on {c.scoring} maps")
+        elif dice_threshold is None:
             notes.append("dice absent: the support set has no lesion mask to fit its threshold on")
         elif not _finite(out.get("dice")):
             notes.append("dice undefined: no test image has a lesion mask")
@@ -769,6 +792,8 @@ def predict(
     and is skipped) and ``out/overlays/<image name>.png``.
     """
     method, config = load_run(run, device)
+    if method.transductive:  # new images are no test set: score them as the support calibration was fitted
+        log.warning("run scored with %r: predict scores each image on its own (per-image recipe)", method.scoring)
     calibration = read_json_safe(Path(run) / "support.json")
     samples = _unlabelled_samples(Path(images))
     errors = unreadable_images(samples)

@@ -192,6 +192,11 @@ class AdaCLIP(Method):
             raise UsadError(f"adaclip: dice={cfg.dice!r} is not one of {', '.join(DICE_MODES)}")
         if cfg.prompt_length < 1 or cfg.prompt_depth < 1:
             raise UsadError("adaclip needs prompt_length >= 1 and prompt_depth >= 1")
+        if backbone.text_num_layers == 0:
+            raise UsadError(
+                "adaclip prompts the text transformer, which needs an open_clip text tower; this backbone's is a "
+                "Hugging Face model (e.g. BiomedCLIP). Use an OpenAI/OpenCLIP ViT backbone for it."
+            )
         self.layers = tuple(cfg.layers or adaclip_layers(backbone.num_layers))
         width, dim = backbone.vision_width, backbone.embed_dim
         text_width = backbone.token_embedding(backbone.tokenize(["x"])).shape[-1]

@@ -9,7 +9,9 @@ A method is a :class:`Method` (a LightningModule) built from a config dataclass,
    build their memory here, in buffers, so it is saved with the state dict),
 3. if ``trainable``, runs a Lightning ``Trainer`` over ``support.training_loader(...)``, calling
    the method's ``training_step`` (plain PyTorch inside),
-4. predicts with ``predict_features`` on batches of test features.
+4. predicts with ``predict_features`` on batches of test features; a ``transductive`` method (a named
+   ``scoring`` recipe) instead returns per-batch ``predict_parts`` and scores the whole test set at once
+   in ``finish_test_set``.
 
 Predictions use one sign everywhere: a higher ``score`` means more anomalous.
 """
@@ -98,6 +100,8 @@ def _coerce(annotation: Any, value: Any, name: str) -> Any:
         raise UsadError(f"option {name}={value!r} is not a valid {text}") from None
     return value
 
+
+PER_IMAGE = "per-image"  # Method.scoring of every method that scores each test image on its own
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -212,7 +216,7 @@ class Method(L.LightningModule):
     outputs: ClassVar[tuple[str, ...]] = ("score",)  # which of score / map / logits it predicts
     # "per-image" scores each test image on its own. A transductive recipe (e.g. normalising over the
     # whole test set) must name itself here; tables then label the method "(transductive)".
-    scoring: ClassVar[str] = "per-image"
+    scoring: ClassVar[str] = PER_IMAGE
     # Drop an epoch's last partial batch when the support set fills at least one batch (Dassl's
     # rule, which CoOp and CoCoOp train with); False keeps it (plain PyTorch loaders).
     drop_last: ClassVar[bool] = False
@@ -248,6 +252,21 @@ class Method(L.LightningModule):
 
     def predict_features(self, feats: ImageFeatures) -> Prediction:
         raise NotImplementedError
+
+    # -- the two-pass hook of transductive recipes (scoring != "per-image")
+    @property
+    def transductive(self) -> bool:
+        """True when a test set is scored as a whole: the runner then calls ``predict_parts`` on every batch
+        and ``finish_test_set`` once, instead of ``predict_features``."""
+        return self.scoring != PER_IMAGE
+
+    def predict_parts(self, feats: ImageFeatures) -> dict[str, torch.Tensor]:
+        """What ``finish_test_set`` needs of a batch of B images: named tensors with B rows (kept on the CPU)."""
+        raise NotImplementedError(f"{self.name} has no transductive recipe")
+
+    def finish_test_set(self, parts: dict[str, torch.Tensor]) -> Prediction:
+        """The prediction for a whole test set from its parts, concatenated in test-set order along dim 0."""
+        raise NotImplementedError(f"{self.name} has no transductive recipe")
 
     # -- Lightning glue shared by trainable methods
     def configure_optimizers(self):

@@ -16,7 +16,8 @@ multi-level visual feature adapters re-injected into the image encoder's stream.
   the original does), rebuilt from the cached prefixes whenever the adapters changed.
   Map: zero-shot sum_l p_a (seg tokens) and few-shot sum_l min_m (1 - cos) (seg memory), fused 0.5/0.5;
   score: max of the fused map. The original min-maxes both maps over the whole test set first
-  (``train_few.py:278-292``); here each image is scored on its own (see baselines/mvfa.md).
+  (``train_few.py:278-292``); here each image is scored on its own by default, and ``test_minmax: true``
+  runs the original's recipe as the named transductive scoring ``TEST_MINMAX`` (see baselines/mvfa.md).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 from usad_bench.backbone import ImageFeatures, default_layers
 from usad_bench.errors import UsadError
 from usad_bench.feature_kinds import STREAM, FeatureRequest
-from usad_bench.methods.base import Method, MethodConfig, Prediction, SupportSet
+from usad_bench.methods.base import PER_IMAGE, Method, MethodConfig, Prediction, SupportSet
 from usad_bench.methods.common import patch_logits_to_probs, state_text_features
 from usad_bench.methods.losses import segmentation_loss
 from usad_bench.methods.patch_heads import memory_distance_map
@@ -40,6 +41,7 @@ from usad_bench.stream import run_visual_blocks
 
 DET_BCE = ("probability_as_logit", "probability")
 RESIDUAL_KEEP, ADAPTER_SHARE = 0.8, 0.1  # adapter.py:71
+TEST_MINMAX = "transductive: test-set min-max (MVFA)"  # the scoring name of test_minmax: true
 
 
 @dataclass
@@ -54,6 +56,8 @@ class MvfaConfig(MethodConfig):
     memory_cls: bool = True  # the original's memory includes the shots' CLS tokens (train_few.py:168-179)
     unnormalised: bool = True  # [0, 1] pixels without mean/std, as MVFA's loaders (medical_few.py:36-45)
     flip_augment: bool = True  # cached hflip views stand in for the original's x11 augmentation of the shots
+    # the original's transductive fusion: min-max each branch map over the whole test set (train_few.py:278-292)
+    test_minmax: bool = False
 
 
 class ClipAdapter(nn.Module):
@@ -126,6 +130,10 @@ class Mvfa(Method):
         # current adapters (saved with the state, so a reloaded model rebuilds the same memory)
         self.register_buffer("support_stream", torch.zeros(0, 1 + _n_patches(backbone), backbone.vision_width))
         self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # (seg, det) each (L, M', D); a cache
+
+    @property
+    def scoring(self) -> str:  # an instance property: the option decides
+        return TEST_MINMAX if self.cfg.test_minmax else PER_IMAGE
 
     def feature_request(self) -> FeatureRequest:
         return FeatureRequest(kind=STREAM, layers=(self.layers[0],), unnormalised=self.cfg.unnormalised)
@@ -203,9 +211,22 @@ class Mvfa(Method):
 
     @torch.no_grad()
     def predict_features(self, feats: ImageFeatures) -> Prediction:
+        return fused_prediction(*self.branch_maps(feats))
+
+    @torch.no_grad()
+    def predict_parts(self, feats: ImageFeatures) -> dict[str, torch.Tensor]:
+        """The raw branch maps of a batch, each (B, S, S), for ``finish_test_set`` (test_minmax: true)."""
         zero_map, few_map = self.branch_maps(feats)
-        fused = zero_map if few_map is None else 0.5 * zero_map + 0.5 * few_map
-        return Prediction(score=fused.flatten(1).amax(1), anomaly_map=fused)
+        parts = {"zero_map": zero_map.float().cpu()}
+        if few_map is not None:
+            parts["few_map"] = few_map.float().cpu()
+        return parts
+
+    def finish_test_set(self, parts: dict[str, torch.Tensor]) -> Prediction:
+        """The original's recipe: each branch map min-maxed over all (T, S, S) test maps, then fused."""
+        few_map = parts.get("few_map")  # absent without normal shots
+        zero_map = minmax_over_set(parts["zero_map"])
+        return fused_prediction(zero_map, None if few_map is None else minmax_over_set(few_map))
 
     def branch_maps(self, feats: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Zero-shot map sum_l p_a (B, S, S) and few-shot map sum_l min(1 - cos) (B, S, S) or None."""
@@ -216,6 +237,21 @@ class Mvfa(Method):
         if memory is None:
             return zero_map, None
         return zero_map, memory_distance_map(seg[:, :, 1:], memory[0], self.backbone.grid, size)
+
+
+def fused_prediction(zero_map: torch.Tensor, few_map: torch.Tensor | None) -> Prediction:
+    """0.5/0.5 fusion of the (B, S, S) branch maps (the zero-shot map alone without normal shots); score = max."""
+    fused = zero_map if few_map is None else 0.5 * zero_map + 0.5 * few_map
+    return Prediction(score=fused.flatten(1).amax(1), anomaly_map=fused)
+
+
+def minmax_over_set(maps: torch.Tensor) -> torch.Tensor:
+    """(T, S, S) maps -> (maps - min) / (max - min) with one min and max over the whole set (test_few.py).
+
+    A constant set (max == min, where the original divides by zero) becomes all zeros.
+    """
+    low, span = maps.min(), maps.max() - maps.min()
+    return (maps - low) / span if span > 0 else torch.zeros_like(maps)
 
 
 def _n_patches(backbone) -> int:
