@@ -32,6 +32,8 @@ demo: smoke
 
 # Parity with the authors' code (not CI: needs their clones). Each script names its repository in a
 # `REPO, COMMIT = "owner/name", ...` line; its clone is expected at $(ORIGINALS)/name.
+# winclip.py also needs open_clip 2.24.0 (anomalib's pin) unpacked at $(ORIGINALS)/open_clip_2.24.0
+# (pip download open_clip_torch==2.24.0 --no-deps, then unzip the wheel there).
 ORIGINALS ?= ../originals
 
 parity:  ## run every benchmarks/parity/*.py against $(ORIGINALS)/<repo-name>; writes results/parity/*.json

@@ -107,11 +107,17 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=f"parity of usad_bench's winclip with {REPO} @ {COMMIT[:10]}")
     parser.add_argument("--original", type=Path, required=True, help=f"local clone of {REPO}")
-    parser.add_argument("--open-clip", type=Path, required=True, help="folder holding open_clip 2.24.0's package")
+    parser.add_argument(
+        "--open-clip",
+        type=Path,
+        default=None,
+        help="folder holding open_clip 2.24.0's package (default: open_clip_2.24.0 beside --original)",
+    )
     parser.add_argument("--model", default="usad-tiny", help="open_clip model built with random weights")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "results/parity/winclip.json")
     parser.add_argument("--their-side", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.open_clip = args.open_clip or args.original.parent / "open_clip_2.24.0"
     if args.their_side:
         return their_side(args.original, args.open_clip, args.model, *args.their_side)
     for path, what in ((args.original / WINCLIP_DIR, "an anomalib clone"), (args.open_clip / "open_clip", "")):
