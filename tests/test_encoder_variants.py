@@ -136,3 +136,16 @@ def test_window_features_round_trip_through_the_cache(tmp_path, tiny_backbone: B
     assert torch.equal(first.windows[3], second.windows[3]) and torch.equal(first.patches, second.patches)
     batch = second.batch(slice(0, 2))
     assert batch.windows[2].shape == (2, 49, tiny_backbone.embed_dim) and batch.layers == (4,)
+
+
+def test_synthetic_weights_keep_the_activation_they_were_trained_with():
+    synth = BackboneSpec(name="usad-tiny", pretrained="synth")
+    assert synth.with_default_activation("quick_gelu").activation is None  # open_clip's build: exact GELU
+    random = BackboneSpec(name="usad-tiny", pretrained=None)
+    assert random.with_default_activation("quick_gelu").activation == "quick_gelu"
+    assert (
+        BackboneSpec(name="usad-tiny", pretrained="synth", activation="gelu")
+        .with_default_activation("quick_gelu")
+        .activation
+        == "gelu"
+    )

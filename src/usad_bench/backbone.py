@@ -69,8 +69,12 @@ class BackboneSpec:
         return asdict(self)
 
     def with_default_activation(self, activation: str | None) -> BackboneSpec:
-        """This spec with ``activation`` filled in when the user left it unset (a method's authors' choice)."""
-        if self.activation is not None or activation is None:
+        """This spec with ``activation`` filled in when the user left it unset (a method's authors' choice).
+
+        The authors chose for OpenAI's weights; the built-in synthetic weights were trained with open_clip's own
+        build of ``usad-tiny`` (exact GELU), so they keep it whatever the method's authors ran.
+        """
+        if self.activation is not None or activation is None or self.pretrained == SYNTH_WEIGHTS:
             return self
         return replace(self, activation=activation)
 
