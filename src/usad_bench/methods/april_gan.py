@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from usad_bench.backbone import ImageFeatures
-from usad_bench.errors import UsadError
 from usad_bench.methods.base import Method, MethodConfig, Prediction, SupportSet, batch_features
-from usad_bench.methods.common import state_text_features
+from usad_bench.methods.common import check_choice, state_text_features
 from usad_bench.methods.patch_heads import (
     LinearPatchHeads,
     april_gan_layers,
@@ -71,8 +70,8 @@ class AprilGan(Method):
 
     def __init__(self, cfg: AprilGanConfig, backbone, task):
         super().__init__(cfg, backbone, task)
-        _check_choice("image_score", cfg.image_score, IMAGE_SCORES)
-        _check_choice("layer_reduce", cfg.layer_reduce, LAYER_REDUCTIONS)
+        check_choice("image_score", cfg.image_score, IMAGE_SCORES)
+        check_choice("layer_reduce", cfg.layer_reduce, LAYER_REDUCTIONS)
         self.layers = tuple(cfg.layers or april_gan_layers(backbone.num_layers))
         self.memory_layers = tuple(cfg.memory_layers or self.layers) if cfg.memory else ()
         self.register_buffer("state_text", state_text_features(backbone, load_prompts(cfg.prompts)))  # (2, D)
@@ -145,8 +144,3 @@ class AprilGan(Method):
             return text_prob  # APRIL-GAN's zero-shot score (test.py:159-169)
         blocks = len(self.layers) if self.cfg.layer_reduce == "sum" else 1
         return 0.5 * (text_prob + map_max / blocks)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UsadError(f"option {name}={value!r} is not one of {', '.join(choices)}")

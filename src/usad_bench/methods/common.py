@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from usad_bench.backbone import Backbone
+from usad_bench.errors import UsadError
 from usad_bench.prompts import STATES, PromptSet, ensemble_embedding
 
 
@@ -124,3 +125,10 @@ def support_folds(labels, groups, n_folds: int = 0) -> list[tuple[np.ndarray, np
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has fewer members than n_splits"
         return [(train, held) for train, held in splitter.split(dummy, labels, group_ids)]
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...], method: str = "") -> None:
+    """A one-line error for a string option outside its documented choices."""
+    if value not in choices:
+        owner = f"{method} option" if method else "option"
+        raise UsadError(f"{owner} {name}={value!r} is not one of {', '.join(choices)}")

@@ -28,8 +28,8 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from usad_bench.backbone import ImageFeatures
-from usad_bench.errors import UsadError
 from usad_bench.methods.base import Method, MethodConfig, Prediction, SupportSet, batch_features, steps_per_epoch
+from usad_bench.methods.common import check_choice
 from usad_bench.methods.hybrid_adapter import FILTER_MODES, HybridAdapter
 from usad_bench.methods.registry import register
 
@@ -94,9 +94,9 @@ class HybridTuning(Method):
 
     def __init__(self, cfg: HybridTuningConfig, backbone, task):
         super().__init__(cfg, backbone, task)
-        _check_choice("filter_mode", cfg.filter_mode, FILTER_MODES)
-        _check_choice("task", cfg.task, TASKS)
-        _check_choice("image_score", cfg.image_score, IMAGE_SCORES)
+        check_choice("filter_mode", cfg.filter_mode, FILTER_MODES)
+        check_choice("task", cfg.task, TASKS)
+        check_choice("image_score", cfg.image_score, IMAGE_SCORES)
         self.layers = tuple(cfg.layers or hybrid_tuning_layers(backbone.num_layers))
         width, grid = backbone.vision_width, tuple(backbone.grid)
         self.adapters = nn.ModuleList(
@@ -167,8 +167,3 @@ def dice_ce_loss(logits: torch.Tensor, mask: torch.Tensor, smooth: float = 1e-8)
     denom = (probs**2).sum((2, 3)) + (onehot**2).sum((2, 3))
     dice = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
     return dice.mean() + F.cross_entropy(logits, target)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UsadError(f"option {name}={value!r} is not one of {', '.join(choices)}")

@@ -42,9 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from usad_bench.backbone import ImageFeatures, default_layers
-from usad_bench.errors import UsadError
 from usad_bench.methods.base import Method, MethodConfig, Prediction, SupportSet, batch_features
-from usad_bench.methods.common import MetaNet, class_anomaly_score, patch_logits_to_probs
+from usad_bench.methods.common import MetaNet, check_choice, class_anomaly_score, patch_logits_to_probs
 from usad_bench.methods.hybrid_adapter import HybridPatchAdapter
 from usad_bench.methods.losses import segmentation_loss
 from usad_bench.methods.registry import register
@@ -103,9 +102,9 @@ class UltraAD(Method):
 
     def __init__(self, cfg: UltraADConfig, backbone, task):
         super().__init__(cfg, backbone, task)
-        _check_choice("final_map", cfg.final_map, FINAL_MAPS)
-        _check_choice("cache_query", cfg.cache_query, CACHE_QUERIES)
-        _check_choice("adapter", cfg.adapter, ADAPTERS)
+        check_choice("final_map", cfg.final_map, FINAL_MAPS, "ultraad")
+        check_choice("cache_query", cfg.cache_query, CACHE_QUERIES, "ultraad")
+        check_choice("adapter", cfg.adapter, ADAPTERS, "ultraad")
         dim = backbone.embed_dim
         self.layers = tuple(cfg.layers or default_layers(backbone.num_layers))
         self.mini_net = MetaNet(dim, dim, reduction=cfg.mini_reduction, zero_init_output=True)  # z starts at f
@@ -277,11 +276,6 @@ def image_adapter(kind: str, backbone, dim: int) -> nn.Module:
     if kind == "hybrid":
         return HybridPatchAdapter(backbone.vision_width, dim, tuple(backbone.grid))
     return nn.Linear(backbone.vision_width, dim)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UsadError(f"ultraad option {name}={value!r} is not one of {', '.join(choices)}")
 
 
 def _chunks(feats: ImageFeatures, size: int) -> list[ImageFeatures]:
