@@ -10,6 +10,7 @@ training harness around the compared functions (Dassl's trainer registry), never
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import math
@@ -20,6 +21,7 @@ import types
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "parity"
@@ -260,3 +262,25 @@ def train_both(batches, epochs: int, ours: dict, theirs: dict) -> dict:
                 log[name]["loss"].append(float(loss.detach()))
             side["scheduler"].step()
     return log
+
+
+def verbatim_state_prompts(source: Path, object_word: str, method: str) -> Path:
+    """Our APRIL-GAN vocabulary with the authors' exact state words and templates, read from their ``source``.
+
+    APRIL-GAN (prompt_ensemble.py) and MVFA (utils.py) define the same three lists; both sides then encode the
+    same sentences.
+    """
+    names = ("prompt_normal", "prompt_abnormal", "prompt_templates")
+    found = {
+        t.id: ast.literal_eval(node.value)
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Name) and t.id in names
+    }
+    vocab = yaml.safe_load((ROOT / "src/usad_bench/resources/prompts/april_gan.yaml").read_text())
+    vocab.update(object=object_word, templates=found["prompt_templates"])
+    vocab["states"] = {"normal": found["prompt_normal"], "abnormal": found["prompt_abnormal"]}
+    path = Path(tempfile.mkdtemp(prefix=f"{method}_parity_")) / "verbatim.yaml"
+    path.write_text(yaml.safe_dump(vocab))
+    return path

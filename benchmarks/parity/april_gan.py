@@ -18,9 +18,7 @@ memory, focal and Dice losses, and the loss and the heads' parameters after a fe
 
 from __future__ import annotations
 
-import ast
 import sys
-import tempfile
 import textwrap
 import types
 from pathlib import Path
@@ -28,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from _common import arguments, diff, import_path, load_file, our_backbone, write
+from _common import arguments, diff, import_path, load_file, our_backbone, verbatim_state_prompts, write
 
 from usad_bench.methods.april_gan import AprilGan, AprilGanConfig
 from usad_bench.methods.base import SupportSet, Task
@@ -43,21 +40,7 @@ CLASSES = ["normal", "benign", "malignant"]
 
 
 def their_prompt_file(original: Path) -> Path:
-    """A vocabulary file with the authors' exact state words and templates, read from their source."""
-    tree = ast.parse((original / "prompt_ensemble.py").read_text())
-    found = {
-        t.id: ast.literal_eval(node.value)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Assign)
-        for t in node.targets
-        if isinstance(t, ast.Name) and t.id in ("prompt_normal", "prompt_abnormal", "prompt_templates")
-    }
-    vocab = yaml.safe_load((Path(__file__).parents[2] / "src/usad_bench/resources/prompts/april_gan.yaml").read_text())
-    vocab.update(object=OBJECT, templates=found["prompt_templates"])
-    vocab["states"] = {"normal": found["prompt_normal"], "abnormal": found["prompt_abnormal"]}
-    path = Path(tempfile.mkdtemp(prefix="april_gan_parity_")) / "verbatim.yaml"
-    path.write_text(yaml.safe_dump(vocab))
-    return path
+    return verbatim_state_prompts(original / "prompt_ensemble.py", OBJECT, "april_gan")
 
 
 class StubModel:

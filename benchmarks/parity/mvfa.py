@@ -24,7 +24,6 @@ few-shot maps, the per-step training losses and all adapter parameters after a f
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 import tempfile
@@ -35,8 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from _common import arguments, diff, import_path, load_file, stub_cuda, write
+from _common import arguments, diff, import_path, load_file, stub_cuda, verbatim_state_prompts, write
 
 from usad_bench.methods.base import SupportSet, Task
 from usad_bench.methods.mvfa import Mvfa, MvfaConfig
@@ -85,21 +83,7 @@ def their_clip(model_module, backbone):
 
 
 def their_prompt_file(original: Path) -> Path:
-    """A vocabulary with the authors' exact state words and templates, read from their utils.py."""
-    tree = ast.parse((original / "utils.py").read_text())
-    found = {
-        t.id: ast.literal_eval(node.value)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Assign)
-        for t in node.targets
-        if isinstance(t, ast.Name) and t.id in ("prompt_normal", "prompt_abnormal", "prompt_templates")
-    }
-    vocab = yaml.safe_load((Path(__file__).parents[2] / "src/usad_bench/resources/prompts/april_gan.yaml").read_text())
-    vocab.update(object=OBJECT, templates=found["prompt_templates"])
-    vocab["states"] = {"normal": found["prompt_normal"], "abnormal": found["prompt_abnormal"]}
-    path = Path(tempfile.mkdtemp(prefix="mvfa_parity_")) / "verbatim.yaml"
-    path.write_text(yaml.safe_dump(vocab))
-    return path
+    return verbatim_state_prompts(original / "utils.py", OBJECT, "mvfa")
 
 
 def inline_block(path: Path, first: str, last: str, indent: int, after: str = "") -> str:
