@@ -141,3 +141,21 @@ def test_downloaded_hub_folder_loads_through_local_dir(tmp_path, tiny_backbone: 
     assert torch.equal(next(loaded.visual.parameters()), next(tiny_backbone.visual.parameters()))
     with pytest.raises(UsadError, match=r"open_clip_config\.json"):
         Backbone.load(BackboneSpec(name=f"local-dir:{tmp_path}", pretrained="openai"))
+
+
+def test_fixed_prompts_are_encoded_once_per_process_and_exactly(tiny_backbone: Backbone):
+    """encode_text stops at the last end-of-text token and keeps its result; both are exact (issue 16)."""
+    from usad_bench import backbone as backbone_module
+
+    texts = ["a sonogram of a malignant lesion", "normal breast tissue", "a mass"]
+    full = tiny_backbone.model.encode_text(tiny_backbone.tokenize(texts)).float()  # all 77 positions
+    first = tiny_backbone.encode_text(texts)
+    assert torch.allclose(first, full, atol=1e-5, rtol=1e-4)
+    first.add_(1.0)  # a caller editing its copy must not change what the next caller gets
+    again = tiny_backbone.encode_text(texts)
+    assert torch.allclose(again, full, atol=1e-5, rtol=1e-4)
+    key = (tiny_backbone._text_identity(), tuple(texts))
+    assert key in backbone_module._TEXT_MEMO
+    other = Backbone.load(BackboneSpec(name="usad-tiny", pretrained=None, seed=5))  # other weights: other key
+    assert other._text_identity() != tiny_backbone._text_identity()
+    assert not torch.allclose(other.encode_text(texts), again)

@@ -126,3 +126,67 @@ def test_no_temporary_files_left_behind(tmp_path, tiny_backbone: Backbone):
     samples = _images(tmp_path / "img", 3)
     FeatureExtractor(tiny_backbone, FeatureCache(tmp_path / "cache"), (1,)).extract(samples)
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+class _CountingBackbone:
+    """Counts encoder passes (batches sent through the image tower) of a real backbone."""
+
+    def __init__(self, backbone: Backbone):
+        self._backbone, self.passes, self.layers_computed = backbone, 0, []
+
+    def encode_features(self, images, request):
+        self.passes += 1
+        self.layers_computed.append(request.layers)
+        return self._backbone.encode_features(images, request)
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
+
+
+def test_raw_requests_share_one_encoder_pass_per_image(tmp_path, tiny_backbone: Backbone):
+    """Issue 16 item 4: a later raw request for a subset of the cached blocks (or the CLS only) is a hit."""
+    samples = _images(tmp_path / "img", 4)
+    counting = _CountingBackbone(tiny_backbone)
+    cache = FeatureCache(tmp_path / "cache")
+    full = FeatureExtractor(counting, cache, (1, 2, 3, 4), batch_size=4).extract(samples)
+    assert counting.passes == 1
+    for layers in [(4,), (2, 3, 4), (), (3, 1)]:
+        cached = FeatureExtractor(counting, cache, layers, batch_size=4).extract(samples)
+        fresh = FeatureExtractor(tiny_backbone, FeatureCache(None), layers, batch_size=4).extract(samples)
+        assert torch.equal(cached.cls, fresh.cls) and cached.layers == tuple(layers)
+        if layers:
+            assert torch.equal(cached.patches, fresh.patches)
+            picked = [(1, 2, 3, 4).index(i) for i in layers]
+            assert torch.equal(cached.patches, full.patches[:, picked])
+        else:
+            assert cached.patches is None
+    assert counting.passes == 1 and cache.stats() == {"hits": 16, "misses": 4, "rejected": 0}
+
+
+def test_raw_miss_encodes_every_planned_block_once(tmp_path, tiny_backbone: Backbone):
+    """A larger request after a smaller one costs one pass, then both (and the plan's blocks) hit."""
+    samples = _images(tmp_path / "img", 3)
+    counting = _CountingBackbone(tiny_backbone)
+    cache = FeatureCache(tmp_path / "cache")
+    FeatureExtractor(counting, cache, (4,)).extract(samples)
+    FeatureExtractor(counting, cache, (1, 2)).extract(samples)  # miss: encodes 1, 2 and the stored 4
+    assert counting.layers_computed == [(4,), (1, 2, 4)]
+    for layers in [(4,), (1, 2), (1, 2, 4)]:
+        FeatureExtractor(counting, cache, layers).extract(samples)
+    assert counting.passes == 2
+    new_images = _images(tmp_path / "more", 5)[3:]  # images never seen: the plan names blocks 1, 2 and 4
+    FeatureExtractor(counting, cache, (4,)).extract(new_images)
+    assert counting.layers_computed[-1] == (1, 2, 4)
+    FeatureExtractor(counting, cache, (1, 2)).extract(new_images)
+    assert counting.passes == 3
+
+
+def test_a_raw_request_reads_only_its_tensors(tmp_path, tiny_backbone: Backbone):
+    samples = _images(tmp_path / "img", 1)
+    cache = FeatureCache(tmp_path / "cache")
+    extractor = FeatureExtractor(tiny_backbone, cache, (1, 4))
+    extractor.extract(samples)
+    sha = next((tmp_path / "cache").rglob("*.safetensors")).stem
+    assert set(cache.load(extractor.key("orig"), sha, {"cls"})) == {"cls"}
+    assert cache.load(extractor.key("orig"), sha, {"cls", "layer_2"}) is None  # a block it lacks: a miss
+    assert cache.rejected == 0 and cache.stored_names(extractor.key("orig"), sha) == {"cls", "layer_1", "layer_4"}
