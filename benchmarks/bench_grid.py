@@ -146,14 +146,27 @@ def measure(args, entries: dict, test: Path, n_test: int, work: Path, report) ->
                 result["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 break
             print(f"{label:<22} {stage:<5} fit {result[stage]['fit_s']:8.1f}s  eval {result[stage]['eval_s']:8.1f}s")
-        if "warm" in result:
-            per_image = result["warm"]["eval_s"] / n_test
-            extraction = max(0.0, sum(result["cold"][k] - result["warm"][k] for k in ("fit_s", "eval_s")))
-            result["run_s_full_test"] = round(result["warm"]["fit_s"] + per_image * args.test_images, 2)
-            result["extraction_s_full_test"] = round(extraction * args.test_images / n_test, 2)
         measured[label] = result
         report(measured)
     return measured
+
+
+def derive(result: dict, test_images: int, n_test: int) -> None:
+    """A measured method's costs in a grid, from its cold and warm runs (seconds, full test sets).
+
+    * ``run_s_full_test``: one run, warm cache: fit + loading the run for evaluation + prediction
+      scaled from ``n_test`` to ``test_images`` images (only prediction grows with the test sets);
+    * ``test_extraction_s_full_test``: the test images' features, paid once per method (cold - warm
+      prediction, scaled), since every later run of the grid finds them cached;
+    * ``support_extraction_s``: the support images' features and the one-off prompt encoding (cold -
+      warm fit), paid once per (shots, seed) support set: the methods of a grid share those draws.
+    """
+    if "warm" not in result:
+        return
+    cold, warm, scale = result["cold"]["stages"], result["warm"]["stages"], test_images / n_test
+    result["run_s_full_test"] = round(result["warm"]["fit_s"] + warm["eval_load"] + warm["predict"] * scale, 2)
+    result["test_extraction_s_full_test"] = round(max(0.0, cold["predict"] - warm["predict"]) * scale, 2)
+    result["support_extraction_s"] = round(max(0.0, result["cold"]["fit_s"] - result["warm"]["fit_s"]), 2)
 
 
 def dry_run_counts(backbone: str, work: Path) -> dict:
@@ -221,9 +234,12 @@ def grid_estimates(args, measured: dict, counts: dict, only: frozenset | None = 
                 continue
             cost = figures["run_s_full_test"]
             extraction = 0.0
-            if id(figures) not in keys_paid:  # features are extracted once per key, then cached
+            if id(figures) not in keys_paid:  # test features are extracted once per key, then cached
                 keys_paid.add(id(figures))
-                extraction = figures["extraction_s_full_test"]
+                extraction = figures["test_extraction_s_full_test"]
+            if (id(figures), point.shots, point.seed) not in keys_paid:  # one support draw per (shots, seed)
+                keys_paid.add((id(figures), point.shots, point.seed))
+                extraction += figures["support_extraction_s"]
             identity = repr(sorted(run_identity(fit_options(exp, point, "cpu", None)).items()))
             before += cost + extraction
             after += 0.0 if identity in seen else cost + extraction
@@ -272,7 +288,38 @@ def main() -> None:
     print_summary(write_report(args, measured, counts, n_test, time.perf_counter() - started))
 
 
+def grid_by_method(args, measured: dict, grid: str = "experiments/table1.yaml") -> dict:
+    """One grid's estimated hours per label and stage: warm-run fit and evaluation, feature extraction."""
+    exp = override_grid(load_experiment(REPO / grid), {"backbone": args.backbone, "pretrained": "none"})
+    rows = {}
+    for point in exp.points():
+        figures = costed_as(measured, point.entry)
+        if figures is None:
+            continue
+        warm, scale = figures["warm"], args.test_images / args.test_n_run
+        row = rows.setdefault(point.entry.label, {"runs": 0, "fit": 0.0, "evaluate": 0.0, "draws": set()})
+        row["runs"] += 1
+        row["fit"] += warm["fit_s"]
+        row["evaluate"] += warm["stages"]["eval_load"] + warm["stages"]["predict"] * scale
+        row["draws"].add((point.shots, point.seed))
+        row["figures"] = figures
+    table = {}
+    for label, row in rows.items():
+        seconds = {
+            "fit": row["fit"],
+            "evaluate": row["evaluate"],
+            "test_features": row["figures"]["test_extraction_s_full_test"],
+            "support_features_and_prompts": len(row["draws"]) * row["figures"]["support_extraction_s"],
+        }
+        hours = {stage: round(value / 3600, 3) for stage, value in seconds.items()}
+        table[label] = {"runs": row["runs"], **hours, "total": round(sum(hours.values()), 3)}
+    return table
+
+
 def write_report(args, measured: dict, counts: dict, n_test: int, wall_s: float) -> dict:
+    for result in measured.values():
+        derive(result, args.test_images, n_test)
+    args.test_n_run = n_test
     estimates = grid_estimates(args, measured, counts)
     report = {
         "notice": NOTICE,
@@ -294,6 +341,7 @@ def write_report(args, measured: dict, counts: dict, n_test: int, wall_s: float)
             **grid_estimates(args, measured, counts, ISSUE16_LABELS),
         },
         "before_estimate_issue_16_h": args.before_hours,
+        "table1_hours_by_method": grid_by_method(args, measured),
     }
     write_json(args.out, report)
     return report
@@ -313,6 +361,13 @@ def print_summary(report: dict) -> None:
         print(f"\n{title}: {'grid':<10} {'runs':>5} {'before h':>9} {'after h':>8}")
         for name, e in grids.items():
             print(f"{'':<{len(title) + 2}}{name:<10} {e['runs']:>5} {e['before_h']:>9.2f} {e['after_h']:>8.2f}")
+    print("\n| table1 label | runs | fit h | evaluate h | test features h | support features + prompts h | total h |")
+    print("|---|---|---|---|---|---|---|")
+    for label, row in report["table1_hours_by_method"].items():
+        print(
+            f"| {label} | {row['runs']} | {row['fit']:.2f} | {row['evaluate']:.2f} | {row['test_features']:.2f} | "
+            f"{row['support_features_and_prompts']:.2f} | {row['total']:.2f} |"
+        )
     if report["not_measured"]:
         print(f"not measured (left out of the totals): {', '.join(report['not_measured'])}")
 

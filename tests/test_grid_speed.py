@@ -132,3 +132,14 @@ def test_workers_run_here_only(tmp_path, synth_domains, capsys):
     assert main(["sweep", str(path), "--workers", "2", "--launcher", "slurm"]) == 2
     assert "--workers" in capsys.readouterr().err
     assert main(["sweep", str(path), "--workers", "0"]) == 2
+
+
+def test_one_encoder_pass_serves_every_method_of_the_grid(first):
+    """Issue 16 item 4: the sweep plans every raw block first, so the adapter's evaluation (blocks 1-4),
+    after zero-shot CLIP's (block 4 only), reads every test image from the cache."""
+    plans = list((first["cache"] / "layer_plans").glob("*.json"))
+    assert [read_json(p)["layers"] for p in plans] == [[1, 2, 3, 4]]
+    zero_shot = read_json(next((first["runs"] / "first").glob("zero_shot_clip/**/metrics.json")))
+    adapter = read_json(next((first["runs"] / "first").glob("adapter-1ep/**/metrics.json")))
+    assert zero_shot["cache"]["misses"] > 0  # the first method encodes the test images ...
+    assert adapter["cache"] == {"hits": zero_shot["cache"]["misses"], "misses": 0, "rejected": 0}  # ... once

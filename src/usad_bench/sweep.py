@@ -203,6 +203,8 @@ def run_sweep(
             options = {"device": device, "cache_dir": cache_dir, "wandb": wandb, "dry_run": dry_run, "grid": grid}
             submit_points(Path(path), exp, todo, launch, **options)
             return
+        if not dry_run:
+            plan_features(exp, points, device, cache_dir)
         if workers > 1 and not dry_run:
             from usad_bench.sweep_workers import run_points_in_workers
 
@@ -213,6 +215,16 @@ def run_sweep(
         from usad_bench.tracking import log_sweep_summary
 
         log_sweep_summary(exp)
+
+
+def plan_features(exp: Experiment, points: list[RunPoint], device: str, cache_dir) -> None:
+    """Record in the feature cache every raw block the unfinished runs need, so one pass serves them all."""
+    from usad_bench.feature_plan import plan_raw_layers
+    from usad_bench.runner import pick_device
+
+    todo = [fit_options(exp, p, device, cache_dir) for p in points if missing_targets(p.run_dir, exp.targets)]
+    if todo and cache_dir is not None:
+        plan_raw_layers(todo, pick_device(device))
 
 
 def shard_lock(out: Path, index: int, count: int):
