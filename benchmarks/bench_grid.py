@@ -7,18 +7,19 @@ Each method runs through the normal runner path (``runner.fit`` then ``runner.ev
 options its grid gives it (the first of experiments/{table1,table_cls,ablation}.yaml that names it),
 on ``--shots`` shots of the source and a stratified, seeded subsample of ``--test-n`` test images
 (``--test-n 0``: the whole test set). Methods run one after the other on ONE feature cache, as a
-sweep does: a method's first run ("cold") computes only the features no earlier method cached, its
-second run ("warm") none. So the cold - warm differences add up to the cost of the distinct feature
-keys, which is what a grid pays once.
+sweep does (its raw blocks planned first, ``usad_bench.feature_plan``): a method's first run ("cold")
+computes only the features no earlier method cached, its second run ("warm") none.
 
-Grid estimates: the run counts of ``usad-bench sweep GRID --dry-run`` (every grid on a fresh out
-folder) times each method's warm run (fit + evaluation scaled to the full test sets by images),
-plus each method's extraction (cold - warm, scaled the same way) once. "before": every grid fits
-and evaluates all its runs (table2 reuses table1's folder, so it costs nothing); "after": runs with
-the same identity (method, options, backbone, source, shots, seed; ``run_store``) are fitted and
-evaluated once across the grids. Shots 8 and 16 are costed at the measured shots' price (a lower
-bound for trained methods, whose epochs see more images). Methods not measured are listed and left
-out of the totals. The backbone has **random weights** (``--pretrained none``): timing, not results.
+Grid estimates (``derive``): the run counts of ``usad-bench sweep GRID --dry-run`` (every grid on a
+fresh out folder) times each method's warm run (fit + loading the run + prediction scaled to the
+full test sets by images), plus its test-feature extraction (cold - warm prediction, scaled) once,
+plus its support extraction and prompt encoding (cold - warm fit) once per (shots, seed) draw.
+"before": every grid fits and evaluates all its runs (table2 reuses table1's folder, so it costs
+nothing); "after": runs with the same identity (method, options, backbone, source, shots, seed;
+``run_store``) are fitted and evaluated once across the grids. Shots 8 and 16 are costed at the
+measured shots' price (a lower bound for trained methods, whose epochs see more images). Methods not
+measured are listed and left out of the totals. The backbone has **random weights**
+(``--pretrained none``): timing, not results.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 
 from usad_bench.backbone import BackboneSpec
 from usad_bench.data.manifest import read_manifest, write_manifest
+from usad_bench.feature_plan import plan_raw_layers
 from usad_bench.io import read_json, write_json
 from usad_bench.run_store import run_identity
 from usad_bench.runner import FitOptions, evaluate, fit
@@ -123,23 +125,30 @@ def measure(args, entries: dict, test: Path, n_test: int, work: Path, report) ->
     spec = BackboneSpec(name=args.backbone, pretrained=None)
     cache = work / "cache"
     measured = {}
-    for label in args.methods or list(entries):
+
+    def options(label: str, run: Path) -> FitOptions:
+        entry = entries[label][1]
+        return FitOptions(
+            method=entry.method,
+            label=label,
+            train=args.source,
+            shots=args.shots,
+            seed=args.seed,
+            out=run,
+            backbone=spec,
+            overrides=entry.overrides,
+            cache_dir=cache,
+            device=args.device,
+        )
+
+    labels = args.methods or list(entries)
+    plan_raw_layers([options(label, work / "plan") for label in labels], torch.device(args.device))  # as sweep
+    for label in labels:
         grid, entry = entries[label]
         result = {"grid": grid, "method": entry.method}
         for stage in ("cold", "warm"):
             run = work / "runs" / label / stage
-            opts = FitOptions(
-                method=entry.method,
-                label=label,
-                train=args.source,
-                shots=args.shots,
-                seed=args.seed,
-                out=run,
-                backbone=spec,
-                overrides=entry.overrides,
-                cache_dir=cache,
-                device=args.device,
-            )
+            opts = options(label, run)
             try:
                 result[stage] = time_run(opts, test, run)
             except Exception as exc:  # one method failing must not lose the others' figures
