@@ -122,7 +122,7 @@ WEIGHTS_DIR  := src/usad_bench/resources/weights
 pretrain-tiny:
 	$(CLI) data synth $(PRETRAIN_DIR)/corpus --pretraining --n 3000 --seed 2026
 	$(CLI) pretrain --train $(PRETRAIN_DIR)/corpus/manifest.csv --out $(PRETRAIN_DIR) --backbone usad-tiny \
-		--epochs 8 --batch-size 64 --lr 5e-4 --seed 0 --threads 1 --accelerator cpu
+		--epochs 30 --batch-size 64 --lr 5e-4 --seed 0 --threads 1 --accelerator cpu
 	mkdir -p $(WEIGHTS_DIR)
 	cp $(PRETRAIN_DIR)/model.safetensors $(WEIGHTS_DIR)/usad-tiny-synth.safetensors
 	cp $(PRETRAIN_DIR)/pretrain.json $(WEIGHTS_DIR)/usad-tiny-synth.json
