@@ -280,6 +280,7 @@ def main() -> None:
         sys.exit(f"error: {unknown} are not labels of {', '.join(GRIDS)}")
     if args.estimate_only:
         old = read_json(args.out)
+        args.measured_on = old.get("machine")  # the measuring process's threads, not this one's
         print_summary(
             write_report(args, old["methods"], old["dry_run_counts"], old["test_images_run"], old["bench_wall_s"])
         )
@@ -332,7 +333,8 @@ def write_report(args, measured: dict, counts: dict, n_test: int, wall_s: float)
     estimates = grid_estimates(args, measured, counts)
     report = {
         "notice": NOTICE,
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+        "machine": getattr(args, "measured_on", None)
+        or {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
         "load_average_at_end": os.getloadavg(),
         "backbone": args.backbone,
         "source": str(args.source),
