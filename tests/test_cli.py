@@ -205,3 +205,18 @@ def test_data_synth_and_methods_commands(tmp_path, capsys):
     assert cli("methods") == 0
     assert "linear_adapter" in capsys.readouterr().out
     assert cli("data", "synth", tmp_path / "t", "--domain", "mars") == 2
+
+
+def test_ctrl_c_while_libraries_import_is_one_line(monkeypatch, capsys):
+    """Importing torch and Lightning takes seconds: a Ctrl-C then gets the same one line and 130, no traceback."""
+    import signal
+
+    from usad_bench import cli
+    from usad_bench.errors import Stopped
+
+    def interrupted_import(verbose):
+        raise Stopped(signal.SIGINT)
+
+    monkeypatch.setattr(cli, "_quiet_libraries", interrupted_import)
+    assert cli.main(["methods"]) == 130
+    assert capsys.readouterr().err.strip().startswith("stopped by SIGINT:")

@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    _quiet_libraries(args.verbose)
-    previous = _raise_on_signals()
+    previous = _raise_on_signals()  # first: importing torch and Lightning takes seconds, Ctrl-C may come then
     try:
+        _quiet_libraries(args.verbose)
         return args.handler(args) or 0
     except UsadError as exc:
         print(f"error: {exc}", file=sys.stderr)
