@@ -44,6 +44,13 @@ TINY_MODEL = "usad-tiny"  # registered below: 64 px, 4 layers, random weights on
 RANDOM_WEIGHTS = ("", "none", "random")
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a downloaded hub folder (open_clip_config.json + weights)
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+def end_of_text_length(tokens: torch.Tensor) -> int:
+    """Positions (T, C) token ids need up to their last end-of-text token (CLIP's has the largest id)."""
+    return int(tokens.argmax(dim=-1).max()) + 1
+
+
 # Fixed-prompt embeddings kept by this process (Backbone.encode_text): (tower identity, prompts) -> (T, D) on CPU.
 _TEXT_MEMO: OrderedDict[tuple[str, tuple[str, ...]], torch.Tensor] = OrderedDict()
 TEXT_MEMO_SIZE = 256  # prompt sets; each is a few hundred KB at most
@@ -310,8 +317,7 @@ class Backbone(nn.Module):
         causal = self._text.native and getattr(tower, "attn_mask", None) is not None
         if not causal or getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax")) != "argmax":
             return self.model.encode_text(tokens)
-        length = int(tokens.argmax(dim=-1).max()) + 1  # CLIP's end-of-text token has the largest id
-        tokens = tokens[:, :length]
+        tokens = tokens[:, : end_of_text_length(tokens)]
         return self._text.encode(tower.token_embedding(tokens), tokens, None)
 
     def _text_identity(self) -> str:

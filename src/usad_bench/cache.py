@@ -143,9 +143,10 @@ class FeatureCache:
     def add_to_layer_plan(self, plan_key: str, layers: Collection[int]) -> None:
         # Read-modify-write without a lock: two processes racing can drop one's layers, which costs one
         # extra encoder pass later, never a wrong feature (entries are checked for the blocks they hold).
-        if self.root is None or set(layers) <= self.layer_plan(plan_key):
+        planned = self.layer_plan(plan_key)
+        if self.root is None or set(layers) <= planned:
             return
-        merged = sorted(self.layer_plan(plan_key) | set(layers))
+        merged = sorted(planned | set(layers))
         with atomic_path(self._plan_path(plan_key)) as tmp:
             tmp.write_text(json.dumps({"layers": merged}))
 

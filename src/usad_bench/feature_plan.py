@@ -27,12 +27,12 @@ from usad_bench.methods import get_method
 log = logging.getLogger(__name__)
 
 
-def plan_raw_layers(fit_options: list, device) -> int:
-    """Record the raw blocks of every distinct run configuration in ``fit_options``; how many were recorded."""
+def plan_raw_layers(fit_options: list, device) -> None:
+    """Record the raw blocks of every distinct run configuration in ``fit_options``."""
     from usad_bench.runner import build_method  # runner imports the sweep machinery; import late
 
     backbones: dict = {}
-    done, recorded = set(), 0
+    done = set()
     for opts in fit_options:
         if opts.cache_dir is None:
             continue
@@ -52,5 +52,3 @@ def plan_raw_layers(fit_options: list, device) -> int:
             continue
         if request.kind == RAW and request.layers:
             FeatureExtractor(backbones[spec], FeatureCache(opts.cache_dir), request)  # records its blocks
-            recorded += 1
-    return recorded

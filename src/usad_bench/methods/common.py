@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from usad_bench.backbone import Backbone
+from usad_bench.backbone import Backbone, end_of_text_length
 from usad_bench.errors import UsadError
 from usad_bench.prompts import STATES, PromptSet, ensemble_embedding
 
@@ -32,7 +32,7 @@ def causal_text_length(backbone: Backbone, embedding: torch.Tensor, tokens: torc
     hold ~10 real tokens). Checked once on the prompts themselves: a tower that is not causal keeps
     the full length.
     """
-    length = int(tokens.argmax(dim=-1).max()) + 1  # CLIP's end-of-text token has the largest id
+    length = end_of_text_length(tokens)
     full = backbone.encode_text_embeddings(embedding, tokens)
     short = backbone.encode_text_embeddings(embedding[:, :length], tokens[:, :length])
     return length if torch.allclose(full, short, atol=1e-4, rtol=1e-3) else tokens.shape[1]
