@@ -208,6 +208,24 @@ def half_is_identity(enabled: bool):
         torch.Tensor.half = half
 
 
+@contextlib.contextmanager
+def norms_read_a_copy():
+    """``Tensor.norm`` reads a copy of its input while their training code runs.
+
+    Their in-place normalisations (``x /= x.norm(...)``, adaclip.py:223-225,482,486) modify a tensor autograd
+    saved for the norm's backward, which fp32 on CPU rejects. Under their GPU autocast the norm reads an fp32
+    copy of the fp16 tensor; a clone gives fp32 the same semantics (same values, gradients flow through it).
+    (``torch.autograd.graph.allow_mutation_on_saved_tensors`` did this before and failed about one run in two
+    with a shape error in the backward: it matches saved tensors to their clones by address.)
+    """
+    norm = torch.Tensor.norm
+    torch.Tensor.norm = lambda self, *a, **k: norm(self.clone(), *a, **k)
+    try:
+        yield
+    finally:
+        torch.Tensor.norm = norm
+
+
 def data():
     torch.manual_seed(0)
     images = torch.randn(3, 3, SIZE, SIZE)
@@ -253,9 +271,7 @@ def compare(exact_half: bool) -> dict:
         our_optimiser.zero_grad()
         sum(mine.values()).backward()
         our_optimiser.step()
-        # Their in-place normalisations (adaclip.py:223-225,482,486) hit tensors autograd saved; under their GPU
-        # autocast the norms read fp32 copies instead. This context gives fp32 the same semantics (public API).
-        with half_is_identity(exact_half), torch.autograd.graph.allow_mutation_on_saved_tensors():
+        with half_is_identity(exact_half), norms_read_a_copy():
             their = their_loss(theirs, images[i : i + 1], gt[i : i + 1], is_anomaly[i : i + 1])
             theirs.optimiser.zero_grad()
             sum(their.values()).backward()
@@ -290,9 +306,9 @@ def main() -> None:
         "'compared': their .half() on prompt tokens made the identity during their calls; "
         "'compared_with_their_fp16_prompt_cast': their code exactly as it is, whose prompt tokens are rounded "
         "to fp16 in every forward (on their GPU the whole forward is fp16 autocast); ours run fp32",
-        "their backward runs under torch.autograd.graph.allow_mutation_on_saved_tensors: their in-place "
-        "normalisations (adaclip.py:223-225,482,486) modify tensors autograd saved, which fp32 on CPU rejects "
-        "(under their GPU autocast the norms read fp32 copies); the context keeps the saved values",
+        "during their training steps Tensor.norm reads a clone of its input: their in-place normalisations "
+        "(adaclip.py:223-225,482,486) modify tensors autograd saved, which fp32 on CPU rejects (under their GPU "
+        "autocast the norms read fp32 copies); same values, gradients flow through the clone",
         f"training: {STEPS} AdamW steps (lr 0.01, betas (0.5, 0.999), weight decay 0.01) on images 0, 1, 2 "
         "(image 0 normal with an empty mask), losses of trainer.py:125-135 on both sides",
     ]
