@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-PINNED = "69dd54fe5f9a996c378117d5ab888f8297bac48a"
+REPO, COMMIT = "jinggqu/NextGen-UIA", "69dd54fe5f9a996c378117d5ab888f8297bac48a"  # `make parity` reads this line
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -106,15 +106,15 @@ def compare_heads(clip_adapter, grid=(14, 14), batch=2, n_classes=3, img_size=22
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--original", type=Path, required=True, help="local clone of jinggqu/NextGen-UIA")
+    parser.add_argument("--original", type=Path, required=True, help=f"local clone of {REPO}")
     parser.add_argument("--out", type=Path, default=ROOT / "results/parity/hybrid_tuning.json")
     args = parser.parse_args()
     mona = load_module(args.original / "src/adapters/mona.py", "nextgen_mona")
     clip_adapter = load_module(args.original / "src/third_party/timm/clip_adapter.py", "nextgen_clip_adapter")
     report = {
         "method": "hybrid_tuning",
-        "original": "jinggqu/NextGen-UIA",
-        "commit": PINNED,
+        "original": REPO,
+        "commit": COMMIT,
         "compared": {**compare_adapter(mona), **compare_heads(clip_adapter)},
         "note": "random weights and inputs (no pretrained weights involved); float32, CPU",
     }
