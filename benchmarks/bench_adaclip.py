@@ -1,6 +1,8 @@
 """Wall time per stage of ``adaclip`` (random weights; CPU unless a GPU is present): what is cached once per
-image, one training step (batch 1) and one prediction, with the share of each part, and the saving of the
-cached prefix over re-encoding every step from the image.
+image, one training step (batch 1) and one prediction, with the share of each part, the saving of the
+cached prefix over re-encoding every step from the image, and the shared text prefix (an image's start token
+and prompts run once for all its sentences, ``stream.run_text_shared_prompts``) against every sentence
+through every text block, measured in the same run.
 
     python benchmarks/bench_adaclip.py [--model ViT-B-16] [--steps 5] [--threads 1]
     -> results/bench/adaclip_stages.json
@@ -9,6 +11,7 @@ cached prefix over re-encoding every step from the image.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -69,6 +72,16 @@ def main() -> None:
             cls, patches, text = method.encode(feats)
             method.similarities(cls, patches, text)
 
+    def reference(fn):  # the same call with every sentence through every text block (issue 16's before)
+        def run():
+            method.shared_text_prefix = False
+            try:
+                return fn()
+            finally:
+                method.shared_text_prefix = True
+
+        return run
+
     r = args.steps
     stages = {
         "cache_per_image (ln_pre output + frozen CLS: one frozen forward)": timed(
@@ -79,6 +92,9 @@ def main() -> None:
         "forward: text tower, 48 sentences": timed(lambda: method.text_features(frozen), r),
         "forward: image encode (prompted blocks + text) no grad": timed(lambda: method.encode(feats), r),
         "forward: encode + similarities incl. HSF k-means": timed(hsf, r),
+        "reference text path: train_step": timed(reference(step), r),
+        "reference text path: predict_per_image": timed(reference(lambda: method.predict_features(feats)), r),
+        "reference text path: text tower, 48 sentences": timed(reference(lambda: method.text_features(frozen)), r),
     }
     seconds = {k: round(v, 4) for k, v in stages.items()}
     cache, train = (
@@ -93,6 +109,15 @@ def main() -> None:
         "image_size": size,
         "median_seconds": seconds,
         "step_from_image_over_cached_step": round((train + cache) / train, 3),
+        "shared_text_prefix_speedup": {
+            name: round(stages[f"reference text path: {name}"] / stages[key], 2)
+            for name, key in (
+                ("train_step", "train_step (forward + backward + AdamW, batch 1)"),
+                ("predict_per_image", "predict_per_image"),
+                ("text tower, 48 sentences", "forward: text tower, 48 sentences"),
+            )
+        },
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "note": "re-encoding from the image would add the patch embedding and the frozen forward (for the "
         "dynamic prompts' CLS) to every step; the ratio is (step + cache) / step from this one run",
     }
@@ -100,6 +125,7 @@ def main() -> None:
     for name, value in seconds.items():
         print(f"{name:70s} {value:.3f} s")
     print("step from image / cached step:", result["step_from_image_over_cached_step"])
+    print("shared text prefix (reference / shared):", result["shared_text_prefix_speedup"])
 
 
 if __name__ == "__main__":

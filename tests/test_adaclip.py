@@ -203,3 +203,52 @@ def pixel_auroc(method, feats, truth) -> float:
 def _chunks(feats: ImageFeatures, size: int):
     for i in range(0, len(feats.cls), size):
         yield ImageFeatures(feats.cls[i : i + size], feats.patches[i : i + size], feats.layers, feats.kind)
+
+
+@pytest.fixture(scope="module")
+def deep_text_backbone(tmp_path_factory):
+    """usad-tiny with a 4-block text tower, so text prompts enter blocks 2, 3 and 4 (depth 4)."""
+    import json
+    from importlib import resources
+
+    import open_clip
+
+    from usad_bench.backbone import Backbone, BackboneSpec
+
+    config = json.loads((resources.files("usad_bench") / "resources" / "model_configs" / "usad-tiny.json").read_text())
+    config["text_cfg"]["layers"] = 4
+    folder = tmp_path_factory.mktemp("configs")
+    (folder / "usad-test-deep-text.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / "usad-test-deep-text.json")
+    return Backbone.load(BackboneSpec(name="usad-test-deep-text", pretrained=None))
+
+
+@pytest.mark.parametrize("deep, length", [(False, 5), (True, 5), (True, 10)])
+def test_shared_text_prefix_equals_every_sentence_through_the_tower(tiny_backbone, deep_text_backbone, deep, length):
+    """Issue 16: an image's start token and prompts run once for its 48 sentences (length 10: some sentences'
+    end-of-text token is among the replaced positions); text, maps, scores, losses and gradients equal the
+    reference path (each sentence through every block)."""
+    backbone = deep_text_backbone if deep else tiny_backbone
+    method = make_method(backbone, prompt_length=length)
+    assert len(method.text_prompts.static) == (3 if deep else 1)
+    assert method.sentences.first_block is not None  # the fast path is the one in use
+    ends = method.sentences.tokens.argmax(-1)
+    assert len(ends.unique()) > 1 and (ends.min() <= length) == (length == 10)  # ends among the prompts at length 10
+    feats = cached_features(backbone, b=2)
+    size = backbone.image_size
+    mask = torch.zeros(1, size, size)
+    mask[:, 8:24, 8:24] = 1
+    results = {}
+    for shared in (True, False):
+        method.shared_text_prefix = shared
+        method.zero_grad()
+        text = method.text_features(feats.cls)
+        pred = method.predict_features(feats)
+        one = ImageFeatures(feats.cls[:1], feats.patches[:1], feats.layers, feats.kind)
+        losses = method.losses(one, mask, torch.ones(1), torch.ones(1, dtype=torch.bool))
+        sum(losses.values()).backward()
+        grads = [p.grad.clone() for p in method.text_prompts.parameters()]
+        results[shared] = (text, pred.score, pred.anomaly_map, *losses.values(), *grads)
+    for fast, reference in zip(results[True], results[False], strict=True):
+        assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-4)
+    assert results[True][-1].abs().sum() > 0  # the generators' gradients flow through the shared prefix

@@ -91,6 +91,13 @@ def test_window_embedding_is_cls_plus_window_tokens_with_their_positions(tiny_ba
     assert window_indices((8, 8), 2)[window].tolist() == [9, 10, 17, 18]
     assert feats.windows[2].shape == (2, 49, tiny_backbone.embed_dim) and feats.windows[3].shape[1] == 36
     assert torch.allclose(feats.windows[2][:, window], expected, atol=1e-5)
+    for side in (2, 3):  # every window equals its own whole forward (the last block runs the CLS alone)
+        index = torch.cat([torch.zeros(1, dtype=torch.long), window_indices((8, 8), side)[-1] + 1])
+        with torch.no_grad():
+            x = visual.ln_pre(embed_tokens(visual, images)[:, index])
+            for block in visual.transformer.resblocks:
+                x = block(x)
+        assert torch.allclose(feats.windows[side][:, -1], visual.ln_post(x[:, 0]) @ visual.proj, atol=1e-5)
     assert torch.allclose(feats.cls, full.cls, atol=1e-5)
     assert torch.allclose(feats.patches[:, 0], visual.ln_post(full.patches[:, 0]), atol=1e-5)
 

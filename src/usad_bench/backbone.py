@@ -288,6 +288,11 @@ class Backbone(nn.Module):
         """Blocks of the text transformer (0 for a Hugging Face text tower), e.g. to size deep prompts."""
         return len(self._text.tower.transformer.resblocks) if self._text.native else 0
 
+    @property
+    def text_resumable(self) -> bool:
+        """Plain causal open_clip text blocks, so a method may run some positions apart (``text_prefix``)."""
+        return self._text.native and _prefix_ready(self._text.tower)
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts).to(self.device)
 

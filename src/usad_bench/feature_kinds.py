@@ -158,8 +158,19 @@ def encode_windows(visual: nn.Module, images: torch.Tensor, grid: tuple[int, int
 
 
 def _window_cls(visual: nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """(n, 1 + s*s, W) window sequences -> (n, D): ln_pre, the blocks, ln_post on the CLS, proj."""
-    return visual.ln_post(_run_blocks(visual, visual.ln_pre(windows))[:, 0]) @ visual.proj
+    """(n, 1 + s*s, W) window sequences -> (n, D): ln_pre, the blocks, ln_post on the CLS, proj.
+
+    Only the CLS leaves the last block, so that block runs its query, attention output and MLP for the CLS
+    alone (its keys and values still cover the whole window): the same numbers, ~6 % less work per window.
+    """
+    *blocks, last = visual.transformer.resblocks
+    x = visual.ln_pre(windows)
+    for block in blocks:
+        x = block(x)
+    normed = last.ln_1(x)  # (n, 1 + s*s, W)
+    cls = x[:, :1] + last.ls_1(last.attention(normed[:, :1], normed, normed))  # (n, 1, W)
+    cls = cls + last.ls_2(last.mlp(last.ln_2(cls)))
+    return visual.ln_post(cls[:, 0]) @ visual.proj
 
 
 def _run_blocks(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -121,3 +121,59 @@ def deep_prompt_edit(prompts: list[torch.Tensor]) -> StreamEdit:
         return torch.cat([x[:, :1], prompt.expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
 
     return edit
+
+
+# ------------------------------------------------------------------------- text prompts shared by sentences
+def text_first_block(backbone, embeddings: torch.Tensor) -> torch.Tensor:
+    """Fixed prompts' input embeddings (T, C, Wt) -> their stream leaving text block 1 (T, C, Wt), no grad.
+
+    For ``run_text_shared_prompts``: when prompts first enter at block 2, block 1 sees only fixed words.
+    """
+    tower = backbone._text.tower
+    x = embeddings + tower.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
+    x = x.to(tower.positional_embedding.dtype)  # the tower's precision
+    with torch.no_grad():
+        return tower.transformer.resblocks[0](x, attn_mask=tower.attn_mask[: x.shape[1], : x.shape[1]])
+
+
+def run_text_shared_prompts(
+    backbone, first_block: torch.Tensor, tokens: torch.Tensor, prompts: list[torch.Tensor]
+) -> torch.Tensor:
+    """``run_text_blocks`` with ``deep_prompt_edit``-style per-image prompts, computing each image's shared
+    positions once instead of once per sentence.
+
+    Entering text blocks 2..len(prompts) + 1, positions 1..n of every sentence of image b become
+    ``prompts[i][b]``; after that they are carried as ordinary tokens. In a causal tower positions 0..n then
+    see only the start token (the same in every sentence) and the prompts, so from block 2 on they are the
+    same in all T sentences of an image: they run once per image, and the sentences' later positions attend
+    to them (their keys are that shared prefix followed by their own positions). Running the sentences in
+    groups of equal length (nothing after an end-of-text token is needed) was measured slower on CPU: the
+    small matrix products cost more than the skipped positions.
+
+    Args:
+        first_block: (T, C, Wt) from ``text_first_block``; tokens: (T, C) ids; prompts: per depth (B, n, Wt).
+    Returns:
+        (B, T, D) text embeddings, not normalised (AdaCLIP's tests compare them with ``run_text_blocks``).
+    """
+    tower = backbone._text.tower
+    (t, c, width), (b, n) = first_block.shape, prompts[0].shape[:2]
+    p = 1 + n  # shared positions: the start token and the prompts
+    prefix = first_block[:1, :1].expand(b, 1, width)  # (B, 1, Wt): the start token leaving block 1
+    suffix = first_block[None, :, p:].expand(b, -1, -1, -1).flatten(0, 1)  # (B*T, C - p, Wt)
+    prefix_mask, suffix_mask = tower.attn_mask[:p, :p], tower.attn_mask[p:c, :c]  # causal rows
+    for index, block in enumerate(tower.transformer.resblocks[1:], start=1):  # leaving block ``index``
+        if index <= len(prompts):
+            prefix = torch.cat([prefix[:, :1], prompts[index - 1].to(prefix.dtype)], dim=1)  # (B, p, Wt)
+        shared, normed = block.ln_1(prefix), block.ln_1(suffix)
+        keys = torch.cat([shared.repeat_interleave(t, 0), normed], dim=1)  # (B*T, C, Wt)
+        suffix = suffix + block.ls_1(block.attention(normed, keys, keys, attn_mask=suffix_mask))
+        suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
+        prefix = prefix + block.ls_1(block.attention(shared, attn_mask=prefix_mask))
+        prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
+    x = torch.cat([prefix.repeat_interleave(t, 0), suffix], dim=1)  # (B*T, C, Wt)
+    ends = tokens.to(x.device).argmax(dim=-1).repeat(b)  # end-of-text positions (may fall among the prompts)
+    pooled = tower.ln_final(x[torch.arange(x.shape[0], device=x.device), ends])
+    proj = tower.text_projection
+    if proj is not None:
+        pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+    return pooled.float().unflatten(0, (b, t))

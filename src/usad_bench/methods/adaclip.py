@@ -12,7 +12,9 @@ Follows ``method/adaclip.py`` and ``method/trainer.py`` (see baselines/adaclip.m
   dropped, one ``Linear(W -> D)`` each, normalised; CLS: ``ln_post`` + ``proj`` of the prompted stream,
   then ``Linear(D -> D)``, normalised (``:375-385,464-488``).
 * Text: APRIL-GAN's 7 normal / 5 abnormal states x the first 4 templates, each ensemble normalised,
-  averaged, normalised; recomputed for every image (its prompts depend on the image).
+  averaged, normalised; recomputed for every image (its prompts depend on the image). Exact shortcut: an
+  image's start token and prompts are the same in all its sentences of the causal tower, so they run once
+  per image (``stream.run_text_shared_prompts``; ``shared_text_prefix = False`` runs every sentence).
 * Maps: ``100 cos(patch_l, t)`` per layer, upsampled bilinearly (``align_corners``); training: softmax per
   layer; test: mean of the layer logits, softmax, ``(p_a + 1 - p_n) / 2``, Gaussian sigma 4.
 * Image score: HSF = k-means (k = 20, **seeded** here) over the 100 most anomalous patches' 4-layer
@@ -45,7 +47,14 @@ from usad_bench.methods.losses import dice_loss, focal_loss
 from usad_bench.methods.patch_heads import LinearPatchHeads
 from usad_bench.methods.registry import register
 from usad_bench.prompts import STATES, PromptSet, load_prompts
-from usad_bench.stream import StreamEdit, finish_visual, run_text_blocks, run_visual_blocks
+from usad_bench.stream import (
+    StreamEdit,
+    finish_visual,
+    run_text_blocks,
+    run_text_shared_prompts,
+    run_visual_blocks,
+    text_first_block,
+)
 
 DICE_MODES = ("as_original", "per_image")
 
@@ -162,6 +171,9 @@ class StateSentences(nn.Module):
         length = max(causal_text_length(backbone, embedding, tokens), min_length)
         self.register_buffer("tokens", tokens[:, :length], persistent=False)
         self.register_buffer("embedding", embedding[:, :length], persistent=False)
+        # the stream leaving text block 1, where no prompt has entered yet (run_text_shared_prompts)
+        first = text_first_block(backbone, self.embedding) if backbone.text_resumable else None
+        self.register_buffer("first_block", first, persistent=False)
 
 
 def dice_terms(probs: torch.Tensor, gt: torch.Tensor, per_row: bool) -> torch.Tensor:
@@ -211,6 +223,7 @@ class AdaCLIP(Method):
         prompts = dataclasses.replace(prompts, templates=prompts.templates[: cfg.n_templates])
         self.sentences = StateSentences(backbone, prompts, min_length=cfg.prompt_length + 2)
         self.hsf = HybridSemanticFusion(cfg.k_clusters, cfg.kmeans_seed) if cfg.hsf else None
+        self.shared_text_prefix = True  # exact speed-up (run_text_shared_prompts); False runs text_reference
 
     def feature_request(self) -> FeatureRequest:
         return FeatureRequest(kind=STREAM, layers=(0,))  # the ln_pre output + the frozen model's CLS
@@ -229,14 +242,23 @@ class AdaCLIP(Method):
 
     def text_features(self, frozen_cls: torch.Tensor) -> torch.Tensor:
         """(B, D) frozen CLS -> (B, 2, D) unit (normal, abnormal) ensembles under that image's prompts."""
-        b, s = frozen_cls.shape[0], self.sentences
-        n_sentences = s.tokens.shape[0]
-        prompts = [p.repeat_interleave(n_sentences, 0) for p in self.text_prompts(frozen_cls)]  # (B*T, n, Wt)
-        embedding = s.embedding.repeat(b, 1, 1)  # (B*T, C, Wt); every image's sentences in one pass
-        text = run_text_blocks(self.backbone, embedding, s.tokens.repeat(b, 1), text_prompt_edit(prompts))
-        text = F.normalize(text, dim=-1).unflatten(0, (b, n_sentences))  # (B, T, D)
+        s, prompts = self.sentences, self.text_prompts(frozen_cls)  # per depth (B, n, Wt)
+        if self.shared_text_prefix and s.first_block is not None and prompts:
+            text = run_text_shared_prompts(self.backbone, s.first_block, s.tokens, prompts)  # (B, T, D)
+        else:
+            text = self.text_reference(prompts, len(frozen_cls))
+        text = F.normalize(text, dim=-1)
         states = [F.normalize(part.mean(1), dim=-1) for part in text.split(s.counts, dim=1)]
         return torch.stack(states, 1)  # (B, 2, D)
+
+    def text_reference(self, prompts: list[torch.Tensor], b: int) -> torch.Tensor:
+        """Every sentence of every image through the whole tower (the original's computation): (B, T, D)."""
+        s = self.sentences
+        n_sentences = s.tokens.shape[0]
+        prompts = [p.repeat_interleave(n_sentences, 0) for p in prompts]  # (B*T, n, Wt)
+        embedding = s.embedding.repeat(b, 1, 1)  # (B*T, C, Wt); every image's sentences in one pass
+        text = run_text_blocks(self.backbone, embedding, s.tokens.repeat(b, 1), text_prompt_edit(prompts))
+        return text.unflatten(0, (b, n_sentences))
 
     def similarities(self, cls, patches, text) -> tuple[torch.Tensor, torch.Tensor]:
         """Image probabilities (B, 2) and per-layer patch logits (B, L, N, 2)."""
