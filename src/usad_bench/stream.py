@@ -19,7 +19,8 @@ Image tower (open_clip ``VisionTransformer`` only; ``feature_kinds.require_vit``
 
 Text tower: ``run_text_blocks`` is ``Backbone.encode_text_embeddings`` with the same ``edit`` protocol
 (called with the stream leaving text block i, i = 0 being the embedded prompts); deep prompt replacement
-is one such edit (``deep_prompt_edit``).
+is one such edit (``deep_prompt_edit``). ``run_text_shared_prompts`` gives the same result for per-image deep
+prompts shared by many sentences (AdaCLIP), running the positions all sentences of an image share once.
 
 The blocks are called through their public modules; nothing is patched or hooked, and the frozen
 weights take no gradient (the backbone's parameters have ``requires_grad=False``), while gradients flow
