@@ -36,7 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from usad_bench.errors import UsadError
-from usad_bench.feature_kinds import DPAM, RAW, WINDOWS, FeatureRequest, encode_dpam, encode_windows, require_vit
+from usad_bench.feature_kinds import (
+    DPAM,
+    RAW,
+    WINDOWS,
+    FeatureRequest,
+    attend_and_mlp,
+    encode_dpam,
+    encode_windows,
+    require_vit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -424,11 +433,7 @@ class _TextTower:
         if pre_final_norm is not None:
             x = pre_final_norm(x)
         x = t.ln_final(x)
-        pooled = _pool_text(x, tokens, getattr(t, "text_pool_type", getattr(t, "pool_type", "argmax")))
-        proj = t.text_projection
-        if proj is None:
-            return pooled.float()
-        return (proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj).float()
+        return project_text(t, _pool_text(x, tokens, getattr(t, "text_pool_type", getattr(t, "pool_type", "argmax"))))
 
 
 def _prefix_ready(tower: nn.Module) -> bool:
@@ -466,15 +471,17 @@ def _text_after_prefix(tower: nn.Module, prefix: torch.Tensor, x: torch.Tensor, 
     mask = tower.attn_mask[p : p + n, : p + n].to(x.dtype)  # causal rows of these positions, all keys
     for block, cached in zip(tower.transformer.resblocks, prefix, strict=True):
         normed = block.ln_1(x)  # (T, n, Wt)
-        keys = torch.cat([cached.to(x.dtype), normed], dim=1)  # (T, p + n, Wt)
-        x = x + block.ls_1(block.attn(normed, keys, keys, need_weights=False, attn_mask=mask)[0])
-        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x = attend_and_mlp(block, x, normed, torch.cat([cached.to(x.dtype), normed], dim=1), mask)  # keys (T, p + n)
     x = tower.ln_final(x)
-    pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1) - p]  # end-of-text token
+    return project_text(tower, x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1) - p])
+
+
+def project_text(tower: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """(T, Wt) pooled end-of-text tokens of an open_clip text tower -> (T, D) float32 in the joint space."""
     proj = tower.text_projection
-    if proj is None:
-        return pooled.float()
-    return (proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj).float()
+    if proj is not None:
+        pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+    return pooled.float()
 
 
 def _pool_text(x: torch.Tensor, tokens: torch.Tensor, pool_type: str) -> torch.Tensor:

@@ -106,6 +106,19 @@ def embed_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
 
 
+def attend_and_mlp(
+    block: nn.Module, x: torch.Tensor, normed: torch.Tensor, keys: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One open_clip ``ResidualAttentionBlock`` for the positions ``x`` (B, m, W) only, given their ``ln_1``
+    output ``normed`` and the layer-normed keys (= values) they attend to (B, k, W).
+
+    ``block.forward`` cannot take other keys (it normalises them only with a cross-attention ``ln_1_kv``);
+    this is its arithmetic with the keys chosen by the caller (a cached prefix, or a whole window).
+    """
+    x = x + block.ls_1(block.attention(normed, keys, keys, attn_mask=attn_mask))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 def vv_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
     """V-V self-attention of (B, N, W) inputs with ``attn``'s own weights: softmax(v v^T / sqrt(d)) v, out_proj."""
     width = x.shape[-1]
@@ -168,8 +181,7 @@ def _window_cls(visual: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     for block in blocks:
         x = block(x)
     normed = last.ln_1(x)  # (n, 1 + s*s, W)
-    cls = x[:, :1] + last.ls_1(last.attention(normed[:, :1], normed, normed))  # (n, 1, W)
-    cls = cls + last.ls_2(last.mlp(last.ln_2(cls)))
+    cls = attend_and_mlp(last, x[:, :1], normed[:, :1], normed)  # (n, 1, W)
     return visual.ln_post(cls[:, 0]) @ visual.proj
 
 

@@ -34,7 +34,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from usad_bench.feature_kinds import STREAM, embed_tokens, require_vit
+from usad_bench.backbone import project_text
+from usad_bench.feature_kinds import STREAM, attend_and_mlp, embed_tokens, require_vit
 
 # (i, tokens leaving block i) -> tokens entering block i + 1; i is 1-indexed, 0 = before the first block
 StreamEdit = Callable[[int, torch.Tensor], torch.Tensor]
@@ -104,11 +105,7 @@ def run_text_blocks(backbone, embeddings: torch.Tensor, tokens: torch.Tensor, ed
         x = block(x, attn_mask=mask) if batch_first else block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
         x = edit(index, x)
     x = tower.ln_final(x)
-    pooled = x[torch.arange(x.shape[0], device=x.device), tokens.to(x.device).argmax(dim=-1)]  # end-of-text
-    proj = tower.text_projection
-    if proj is None:
-        return pooled.float()
-    return (proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj).float()
+    return project_text(tower, x[torch.arange(x.shape[0], device=x.device), tokens.to(x.device).argmax(dim=-1)])
 
 
 def deep_prompt_edit(prompts: list[torch.Tensor]) -> StreamEdit:
@@ -167,14 +164,9 @@ def run_text_shared_prompts(
             prefix = torch.cat([prefix[:, :1], prompts[index - 1].to(prefix.dtype)], dim=1)  # (B, p, Wt)
         shared, normed = block.ln_1(prefix), block.ln_1(suffix)
         keys = torch.cat([shared.repeat_interleave(t, 0), normed], dim=1)  # (B*T, C, Wt)
-        suffix = suffix + block.ls_1(block.attention(normed, keys, keys, attn_mask=suffix_mask))
-        suffix = suffix + block.ls_2(block.mlp(block.ln_2(suffix)))
-        prefix = prefix + block.ls_1(block.attention(shared, attn_mask=prefix_mask))
-        prefix = prefix + block.ls_2(block.mlp(block.ln_2(prefix)))
+        suffix = attend_and_mlp(block, suffix, normed, keys, suffix_mask)
+        prefix = attend_and_mlp(block, prefix, shared, shared, prefix_mask)
     x = torch.cat([prefix.repeat_interleave(t, 0), suffix], dim=1)  # (B*T, C, Wt)
     ends = tokens.to(x.device).argmax(dim=-1).repeat(b)  # end-of-text positions (may fall among the prompts)
     pooled = tower.ln_final(x[torch.arange(x.shape[0], device=x.device), ends])
-    proj = tower.text_projection
-    if proj is not None:
-        pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-    return pooled.float().unflatten(0, (b, t))
+    return project_text(tower, pooled).unflatten(0, (b, t))
