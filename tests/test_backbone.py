@@ -125,6 +125,17 @@ def test_offline_tag_download_fails_with_instructions(monkeypatch):
         Backbone.load(BackboneSpec(name="ViT-B-32", pretrained="openai"))
 
 
+def test_demo_without_its_weights_fails_before_writing_anything(monkeypatch, tmp_path):
+    """Offline and not cached, the demo stops with the loader's one-line error and leaves no half-made folder."""
+    from usad_bench.demo import run_demo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-usad-test-cache")
+    with pytest.raises(UsadError, match="--pretrained /path/to/file"):
+        run_demo(tmp_path / "demo", backbone=BackboneSpec(name="ViT-B-32", pretrained="openai"), cache_dir=None)
+    assert not (tmp_path / "demo").exists()
+
+
 def test_downloaded_hub_folder_loads_through_local_dir(tmp_path, tiny_backbone: Backbone):
     """A Hugging Face repo copied by hand (open_clip_config.json + weights) loads offline with local-dir:."""
     import json

@@ -155,8 +155,7 @@ class Backbone(nn.Module):
                 torch.manual_seed(spec.seed)
                 model = _create(spec, pretrained=None, **kwargs)
             return cls(model, spec, weights_id=f"random:{spec.name}:seed{spec.seed}")
-        pretrained, weights_id = _resolve_weights(spec)
-        require_downloadable(spec, pretrained)  # offline and not cached: fail in seconds, before building the model
+        pretrained, weights_id = check_weights(spec)
         return cls(_create(spec, pretrained=pretrained, **kwargs), spec, weights_id)
 
     def train(self, mode: bool = True) -> Backbone:
@@ -541,6 +540,16 @@ def _needs_transformers(exc: Exception) -> bool:
     if isinstance(exc, ImportError):
         return (exc.name or "").split(".")[0] == "transformers"
     return isinstance(exc, RuntimeError) and "pip install transformers" in str(exc)
+
+
+def check_weights(spec: BackboneSpec) -> tuple[str | None, str]:
+    """Fail now, with the one-line error ``Backbone.load`` would give, when the weights of pretrained ``spec``
+    cannot be had (unknown tag, missing file, offline and not cached); else open_clip's ``pretrained`` argument
+    and the weights' identity. Callers that write files before loading (the demo) call it first."""
+    register_tiny_model()
+    pretrained, weights_id = _resolve_weights(spec)
+    require_downloadable(spec, pretrained)  # offline and not cached: fail in seconds, before building the model
+    return pretrained, weights_id
 
 
 def _resolve_weights(spec: BackboneSpec) -> tuple[str | None, str]:

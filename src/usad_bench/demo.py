@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from usad_bench.backbone import BackboneSpec
+from usad_bench.backbone import BackboneSpec, check_weights
 from usad_bench.cache import FeatureCache
 from usad_bench.data.images import load_mask, load_rgb
 from usad_bench.data.manifest import read_manifest
@@ -61,6 +61,8 @@ def run_demo(
     """
     out = Path(out)
     backbone = backbone or DEFAULT_BACKBONE
+    if not backbone.is_random:
+        check_weights(backbone)  # offline without the weights: the one-line error before any file is written
     if str(backbone.pretrained) == "synth":
         print(SYNTH_NOTE)
     source = synthesise(out / "data" / "source", n=n, seed=seed, style="source")
